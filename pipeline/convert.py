@@ -1,0 +1,254 @@
+"""The Ray Data conversion graph: index -> decode/validate/resize -> Parquet shards + manifest.
+
+    from_items(index entries)                        driver: only paths and labels
+      .map_batches(process_batch)                    workers: read, decode, validate, resize, encode
+      .write_datasink(ShardSink)                     workers: Parquet shards per split; rejects returned
+    driver: _rejects.jsonl, then _manifest.json (the commit marker), then old shards removed
+
+Image bytes never pass through the driver. Rejected images travel as rows with a reason and
+empty image bytes, so one pass over the data yields both the shards and the reject report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from pipeline.dataset import MANIFEST, REJECTS, SCHEMA, SCHEMA_VERSION
+from pipeline.images import ImageRejected, ImageSettings, process_image, read_file
+from pipeline.readers.base import DatasetIndex
+from pipeline.storage import Location, resolve
+
+log = logging.getLogger(__name__)
+
+# What the processing step emits: the dataset schema plus the split and, for rejects, the reason.
+PROCESSED_SCHEMA = (
+    SCHEMA.append(pa.field("split", pa.string(), nullable=False))
+    .append(pa.field("reject_reason", pa.string()))
+    .append(pa.field("reject_detail", pa.string()))
+)
+ROW_GROUP_SIZE = 128  # rows per Parquet row group: lets readers split a shard
+
+
+def process_batch(batch: pa.Table, settings: ImageSettings) -> pa.Table:
+    """Read and normalise every image of a batch of index entries (pure: no Ray, testable on a table).
+
+    Good images come back with JPEG bytes and their size; a bad one comes back with empty bytes
+    and ``reject_reason``/``reject_detail`` set, so nothing is dropped silently.
+    """
+    columns: dict[str, list] = {name: [] for name in PROCESSED_SCHEMA.names}
+    for row in batch.to_pylist():
+        try:
+            image, width, height = process_image(read_file(row["source_path"]), settings)
+            reason = detail = None
+        except ImageRejected as exc:
+            image, width, height, reason, detail = b"", 0, 0, exc.reason, exc.detail
+        columns["image_id"].append(row["image_id"])
+        columns["image"].append(image)
+        columns["width"].append(width)
+        columns["height"].append(height)
+        columns["labels"].append(row["labels"])
+        columns["ignore"].append(row["ignore"])
+        columns["source_path"].append(row["source_path"])
+        columns["split"].append(row["split"])
+        columns["reject_reason"].append(reason)
+        columns["reject_detail"].append(detail)
+    return pa.Table.from_pydict(columns, schema=PROCESSED_SCHEMA)
+
+
+def split_processed(table: pa.Table) -> tuple[dict[str, pa.Table], list[dict]]:
+    """Separate processed rows into per-split tables in :data:`SCHEMA` and reject records."""
+    rejected = pc.is_valid(table["reject_reason"])
+    rejects = (
+        table.filter(rejected)
+        .select(["image_id", "split", "source_path", "reject_reason", "reject_detail"])
+        .rename_columns(["image_id", "split", "source_path", "reason", "detail"])
+        .to_pylist()
+    )
+    good = table.filter(pc.invert(rejected))
+    parts = {}
+    for split in pc.unique(good["split"]).to_pylist():
+        parts[split] = good.filter(pc.equal(good["split"], split)).select(SCHEMA.names).cast(SCHEMA)
+    return parts, rejects
+
+
+class ShardSink(Datasink):
+    """Writes Parquet shards of at most ``rows_per_shard`` rows per split; returns what it wrote.
+
+    File names carry the run id and the write task's index, so a retried task overwrites its
+    own shards and files of an earlier run are told apart (and removed once the manifest lands).
+    """
+
+    def __init__(self, location: Location, run_id: str, rows_per_shard: int):
+        self.location = location
+        self.run_id = run_id
+        self.rows_per_shard = rows_per_shard
+        self.result: dict[str, list] | None = None
+
+    def get_name(self) -> str:
+        return "MltrShards"
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, list]:
+        files: list[dict] = []
+        rejects: list[dict] = []
+        pending: dict[str, list[pa.Table]] = {}
+
+        def flush(split: str, final: bool) -> None:
+            table = pa.concat_tables(pending.pop(split, [])) if split in pending else SCHEMA.empty_table()
+            while table.num_rows >= self.rows_per_shard or (final and table.num_rows):
+                shard, table = table.slice(0, self.rows_per_shard), table.slice(self.rows_per_shard)
+                rel = f"{split}/part-{self.run_id}-{ctx.task_idx:05d}-{len(files):03d}.parquet"
+                target = self.location.join(rel)
+                if self.location.scheme == "file":
+                    self.location.join(split).makedirs()
+                pq.write_table(shard, target.path, filesystem=self.location.fs, row_group_size=ROW_GROUP_SIZE)
+                files.append({"path": rel, "split": split, "rows": shard.num_rows})
+            if table.num_rows:
+                pending[split] = [table]
+
+        for block in blocks:
+            parts, block_rejects = split_processed(BlockAccessor.for_block(block).to_arrow())
+            rejects.extend(block_rejects)
+            for split, table in parts.items():
+                pending.setdefault(split, []).append(table)
+                if sum(t.num_rows for t in pending[split]) >= self.rows_per_shard:
+                    flush(split, final=False)
+        for split in list(pending):
+            flush(split, final=True)
+        return {"files": files, "rejects": rejects}
+
+    def on_write_complete(self, write_result: Any) -> None:
+        files, rejects = [], []
+        for ret in write_result.write_returns:
+            files.extend(ret["files"])
+            rejects.extend(ret["rejects"])
+        self.result = {"files": files, "rejects": rejects}
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    dataset: str
+    uri: str
+    rows: dict[str, int]
+    rejects: dict[str, int]
+    empty: dict[str, int]
+    seconds: float
+    images_per_second: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_blocks(num_entries: int, rows_per_shard: int, parallelism: int) -> int:
+    """Input blocks (= processing tasks): enough to fill every CPU twice, none over a shard."""
+    if num_entries == 0:
+        return 1
+    return max(1, min(num_entries, max(math.ceil(num_entries / rows_per_shard), 2 * parallelism)))
+
+
+def _cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def convert(
+    index: DatasetIndex,
+    out: str,
+    settings: ImageSettings | None = None,
+    rows_per_shard: int = 1000,
+    num_blocks: int | None = None,
+) -> ConvertSummary:
+    """Convert an indexed dataset to ``<out>/<index.name>/``; Ray must be initialised by the caller."""
+    settings = settings or ImageSettings()
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    start = time.perf_counter()
+    location = resolve(out).join(index.name)
+    # Uncommit first: from here until the new manifest lands, readers refuse this dataset.
+    location.join(MANIFEST).delete()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+    order = {s: i for i, s in enumerate(index.splits)}
+    rows = [e.as_row() for e in sorted(index.entries, key=lambda e: order[e.split])]
+    files: list[dict] = []
+    rejects = [r.as_record() for r in index.rejects]
+    if rows:
+        blocks = num_blocks or plan_blocks(len(rows), rows_per_shard, _cluster_cpus())
+        log.info("converting %d images of %s in %d tasks into %s", len(rows), index.name, blocks, location.uri)
+        sink = ShardSink(location, run_id, rows_per_shard)
+        (
+            ray.data.from_items(rows, override_num_blocks=blocks)
+            .map_batches(process_batch, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=None)
+            .write_datasink(sink)
+        )
+        assert sink.result is not None
+        files, rejects = sink.result["files"], rejects + sink.result["rejects"]
+    seconds = time.perf_counter() - start
+
+    rejects.sort(key=lambda r: (order.get(r["split"], 0), r["image_id"]))
+    location.join(REJECTS).write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    files.sort(key=lambda f: f["path"])
+    row_counts = {s: sum(f["rows"] for f in files if f["split"] == s) for s in index.splits}
+    reject_counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": index.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "classes": index.classes,
+        "num_classes": len(index.classes),
+        "columns": SCHEMA.names,
+        "splits": {
+            s: {"rows": row_counts[s], "files": [{"path": f["path"], "rows": f["rows"]} for f in files if f["split"] == s]}
+            for s in index.splits
+        },
+        "empty": index.empty,
+        "rejects": {
+            "total": len(rejects),
+            "by_reason": reject_counts,
+            "by_split": {s: sum(1 for r in rejects if r["split"] == s) for s in index.splits},
+            "file": REJECTS,
+        },
+        "image": {"format": "jpeg", **asdict(settings)},
+        "source": {"root": index.root, "layout": index.layout, "fingerprint": index.fingerprint},
+        "conversion": {
+            "rows_per_shard": rows_per_shard,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(rows) / seconds, 2) if seconds > 0 else 0.0,
+        },
+    }
+    location.join(MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _remove_stale_shards(location, {f["path"] for f in files})
+    return ConvertSummary(
+        dataset=index.name,
+        uri=location.uri,
+        rows=row_counts,
+        rejects=reject_counts,
+        empty=index.empty,
+        seconds=round(seconds, 3),
+        images_per_second=manifest["conversion"]["images_per_second"],
+    )
+
+
+def _remove_stale_shards(location: Location, keep: set[str]) -> None:
+    """Delete Parquet shards of earlier runs, so a re-run leaves one copy of the dataset."""
+    prefix = location.path.rstrip("/") + "/"
+    for path in location.list_files():
+        rel = path[len(prefix) :]
+        if rel.endswith(".parquet") and "/" in rel and rel not in keep:
+            location.fs.delete_file(path)

@@ -1,0 +1,127 @@
+"""Image decode, validation and resizing as pure functions of bytes.
+
+Every source image is fully decoded once (``Image.load``) so truncated and corrupt files are
+found at conversion time, not in the middle of a training epoch. A bad image raises
+:class:`ImageRejected` with a reason code from :data:`REJECT_REASONS`; callers record it and
+go on with the next image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+# Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
+REJECT_REASONS = {
+    "missing": "the file listed by the annotations does not exist",
+    "unreadable": "the file is empty or not in a known image format",
+    "truncated": "the image data ends early",
+    "corrupt": "the image data cannot be decoded",
+    "too_large": "the image has more pixels than the decompression-bomb limit",
+    "bad_annotation": "the image's annotation file is missing, malformed or names an unknown class",
+}
+
+
+class ImageRejected(Exception):
+    """An input that cannot become a dataset row; ``reason`` is a key of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    max_side: int = 512  # longer side of stored images; larger images are downscaled
+    quality: int = 90  # JPEG quality of re-encoded images
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # decompression-bomb limit (Pillow's default)
+
+    def __post_init__(self):
+        if self.max_side < 16:
+            raise ValueError(f"max_side must be at least 16, got {self.max_side}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+
+
+def read_file(path: str) -> bytes:
+    """Read a source image; a missing file is a reject, not an exception that stops the run."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageRejected("missing", f"no such file: {path}") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ImageRejected("unreadable", f"{exc.strerror}: {path}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size after downscaling so the longer side is at most ``max_side`` (never upscales)."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    # Integer arithmetic: the longer side becomes exactly max_side.
+    if width >= height:
+        return max_side, max(1, (height * max_side + width // 2) // width)
+    return max(1, (width * max_side + height // 2) // height), max_side
+
+
+def process_image(data: bytes, settings: ImageSettings) -> tuple[bytes, int, int]:
+    """Validate and normalise one encoded image: returns ``(jpeg_bytes, width, height)``.
+
+    The original bytes are kept when the source is already an RGB JPEG within ``max_side``;
+    anything else (grayscale, CMYK, PNG, too large) is converted to RGB, downscaled and
+    re-encoded as JPEG. EXIF orientation is not applied: the stored pixels are the file's.
+    """
+    if not data:
+        raise ImageRejected("unreadable", "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageRejected("too_large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageRejected("unreadable", "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("corrupt", f"bad image header: {exc}") from None
+
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageRejected("corrupt", f"invalid size {width}x{height}")
+    if width * height > settings.max_pixels:
+        raise ImageRejected(
+            "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {settings.max_pixels}"
+        )
+    try:
+        img.load()
+    except OSError as exc:
+        reason = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise ImageRejected(reason, str(exc)) from None
+    except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageRejected("corrupt", str(exc) or type(exc).__name__) from None
+
+    target = scaled_size(width, height, settings.max_side)
+    if img.format == "JPEG" and img.mode == "RGB" and target == (width, height):
+        return data, width, height
+    rgb = _to_rgb(img)
+    if target != (width, height):
+        rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=settings.quality)
+    return out.getvalue(), rgb.width, rgb.height

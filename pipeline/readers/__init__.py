@@ -1,0 +1,41 @@
+"""Dataset readers, one module per dataset: each turns an official layout into a :class:`DatasetIndex`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.readers.base import (
+    SPLITS,
+    AnnotationError,
+    DatasetIndex,
+    ImageEntry,
+    LayoutError,
+    Reject,
+)
+from pipeline.readers.coco import read_coco
+from pipeline.readers.nuswide import read_nuswide
+from pipeline.readers.voc import read_voc
+
+READERS: dict[str, Callable[..., DatasetIndex]] = {"coco": read_coco, "voc": read_voc, "nuswide": read_nuswide}
+
+
+def read_index(dataset: str, root: str, splits: tuple[str, ...] = SPLITS) -> DatasetIndex:
+    """Read a dataset's annotations into an index of images to convert."""
+    if dataset not in READERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
+    return READERS[dataset](root, tuple(splits))
+
+
+__all__ = [
+    "READERS",
+    "SPLITS",
+    "AnnotationError",
+    "DatasetIndex",
+    "ImageEntry",
+    "LayoutError",
+    "Reject",
+    "read_index",
+]

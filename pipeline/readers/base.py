@@ -1,0 +1,116 @@
+"""What every dataset reader returns: an index of images with their labels, built on the driver.
+
+Readers parse annotations only (small files); decoding the images is Ray Data's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "val")
+
+
+class LayoutError(Exception):
+    """The root is missing or does not hold the dataset's official layout (exit status 2)."""
+
+
+class AnnotationError(Exception):
+    """An annotation file that the whole dataset depends on cannot be parsed (exit status 2)."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image to convert: where it is and its labels (sorted class indices)."""
+
+    image_id: str
+    split: str
+    source_path: str
+    labels: tuple[int, ...]
+    ignore: tuple[int, ...] = ()
+
+    def as_row(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "split": self.split,
+            "source_path": self.source_path,
+            "labels": list(self.labels),
+            "ignore": list(self.ignore),
+        }
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that did not become a row, with a reason code from ``pipeline.images.REJECT_REASONS``."""
+
+    image_id: str
+    split: str
+    source_path: str
+    reason: str
+    detail: str = ""
+
+    def as_record(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "split": self.split,
+            "source_path": self.source_path,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class DatasetIndex:
+    """A dataset's classes and the images to convert, per split, as read from its annotations."""
+
+    name: str
+    root: str
+    layout: str
+    classes: list[str]
+    entries: list[ImageEntry]
+    splits: tuple[str, ...]
+    empty: dict[str, int] = field(default_factory=dict)  # images with no label at all: not rows
+    rejects: list[Reject] = field(default_factory=list)  # annotation-level rejects
+    fingerprint: str = ""  # sha256 over the annotation files that produced this index
+
+    def count(self) -> dict[str, int]:
+        counts = Counter(e.split for e in self.entries)
+        return {s: counts.get(s, 0) for s in self.splits}
+
+
+class Fingerprint:
+    """sha256 over (relative path, content) of annotation files, in the order they are added."""
+
+    def __init__(self, root: str | Path):
+        self._root = Path(root)
+        self._hash = hashlib.sha256()
+
+    def add(self, path: str | Path, data: bytes) -> bytes:
+        rel = Path(path).relative_to(self._root).as_posix() if Path(path).is_absolute() else str(path)
+        self._hash.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+        return data
+
+    def read(self, path: str | Path) -> bytes:
+        return self.add(path, Path(path).read_bytes())
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise LayoutError(f"expected {what} at {path}, but it is {'not a folder' if path.exists() else 'missing'}")
+    return path
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise LayoutError(f"expected {what} at {path}, but it is {'not a file' if path.exists() else 'missing'}")
+    return path

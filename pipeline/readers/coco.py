@@ -1,0 +1,112 @@
+"""MS-COCO 2014 in its official layout, read through pycocotools.
+
+    <root>/annotations/instances_train2014.json
+    <root>/annotations/instances_val2014.json
+    <root>/train2014/COCO_train2014_000000000009.jpg
+    <root>/val2014/COCO_val2014_000000000042.jpg
+
+Classes are the categories in ascending id order (ids 1..90 with gaps, 80 classes). Every
+annotation of an image, crowd or not, makes its category a positive label; an image without
+annotations is not a row (counted as ``empty``). ``image_id`` is COCO's image id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+from pycocotools.coco import COCO
+
+from pipeline.readers.base import (
+    AnnotationError,
+    DatasetIndex,
+    Fingerprint,
+    ImageEntry,
+    LayoutError,
+    require_dir,
+    require_file,
+)
+
+SPLIT_DIRS = {"train": "train2014", "val": "val2014"}
+
+
+def annotation_path(root: Path, split: str) -> Path:
+    return root / "annotations" / f"instances_{SPLIT_DIRS[split]}.json"
+
+
+def load_coco(path: Path, data: bytes) -> COCO:
+    """Parse an instances JSON into a pycocotools index; a malformed file names itself and the problem."""
+    try:
+        dataset = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(path, f"not UTF-8 text: {exc}") from None
+    if not isinstance(dataset, dict):
+        raise AnnotationError(path, "expected a JSON object with 'images', 'annotations' and 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise AnnotationError(path, f"missing or non-list {key!r}")
+    coco = COCO()
+    coco.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
+            coco.createIndex()
+    except (KeyError, TypeError) as exc:
+        raise AnnotationError(path, f"malformed entry: missing or wrong-typed field {exc}") from None
+    return coco
+
+
+def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> DatasetIndex:
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"COCO root {root} does not exist or is not a folder")
+    for split in splits:
+        require_file(annotation_path(root, split), f"the COCO 2014 {split} annotations")
+        require_dir(root / SPLIT_DIRS[split], f"the COCO 2014 {split} images folder")
+
+    fingerprint = Fingerprint(root)
+    classes: list[str] | None = None
+    entries: list[ImageEntry] = []
+    empty: dict[str, int] = {}
+    for split in splits:
+        path = annotation_path(root, split)
+        coco = load_coco(path, fingerprint.read(path))
+        cat_ids = sorted(coco.getCatIds())
+        names = [coco.cats[c]["name"] for c in cat_ids]
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise AnnotationError(path, f"categories differ from those of {annotation_path(root, splits[0])}")
+        index_of = {cat_id: i for i, cat_id in enumerate(cat_ids)}
+        empty[split] = 0
+        for image_id in sorted(coco.getImgIds()):
+            info = coco.imgs[image_id]
+            anns = coco.imgToAnns.get(image_id, [])
+            try:
+                labels = tuple(sorted({index_of[a["category_id"]] for a in anns}))
+            except KeyError as exc:
+                raise AnnotationError(path, f"an annotation of image {image_id} names unknown category {exc}") from None
+            if not labels:
+                empty[split] += 1
+                continue
+            entries.append(
+                ImageEntry(
+                    image_id=str(image_id),
+                    split=split,
+                    source_path=str(root / SPLIT_DIRS[split] / info["file_name"]),
+                    labels=labels,
+                )
+            )
+    return DatasetIndex(
+        name="coco",
+        root=str(root),
+        layout="coco2014",
+        classes=classes or [],
+        entries=entries,
+        splits=tuple(splits),
+        empty=empty,
+        fingerprint=fingerprint.hexdigest(),
+    )
