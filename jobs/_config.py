@@ -25,7 +25,9 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 def opt(default: Any, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with help text for the generated CLI."""
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+        )
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -69,7 +71,9 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     return value
 
 
-def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type, prog: str | None = None, description: str | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip().splitlines()[0],

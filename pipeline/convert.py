@@ -44,6 +44,7 @@ PROCESSED_SCHEMA = (
     .append(pa.field("reject_detail", pa.string()))
 )
 ROW_GROUP_SIZE = 128  # rows per Parquet row group: lets readers split a shard
+REJECT_EXAMPLES = 20
 
 
 def process_batch(batch: pa.Table, settings: ImageSettings) -> pa.Table:
@@ -150,6 +151,7 @@ class ConvertSummary:
     empty: dict[str, int]
     seconds: float
     images_per_second: float
+    reject_examples: list[dict]  # the first rejects, for the log; all of them are in _rejects.jsonl
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -189,11 +191,15 @@ def convert(
     rejects = [r.as_record() for r in index.rejects]
     if rows:
         blocks = num_blocks or plan_blocks(len(rows), rows_per_shard, _cluster_cpus())
-        log.info("converting %d images of %s in %d tasks into %s", len(rows), index.name, blocks, location.uri)
+        log.info(
+            "converting %d images of %s in %d tasks into %s", len(rows), index.name, blocks, location.uri
+        )
         sink = ShardSink(location, run_id, rows_per_shard)
         (
             ray.data.from_items(rows, override_num_blocks=blocks)
-            .map_batches(process_batch, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=None)
+            .map_batches(
+                process_batch, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=None
+            )
             .write_datasink(sink)
         )
         assert sink.result is not None
@@ -214,7 +220,10 @@ def convert(
         "num_classes": len(index.classes),
         "columns": SCHEMA.names,
         "splits": {
-            s: {"rows": row_counts[s], "files": [{"path": f["path"], "rows": f["rows"]} for f in files if f["split"] == s]}
+            s: {
+                "rows": row_counts[s],
+                "files": [{"path": f["path"], "rows": f["rows"]} for f in files if f["split"] == s],
+            }
             for s in index.splits
         },
         "empty": index.empty,
@@ -242,6 +251,7 @@ def convert(
         empty=index.empty,
         seconds=round(seconds, 3),
         images_per_second=manifest["conversion"]["images_per_second"],
+        reject_examples=rejects[:REJECT_EXAMPLES],
     )
 
 

@@ -106,7 +106,8 @@ def process_image(data: bytes, settings: ImageSettings) -> tuple[bytes, int, int
         raise ImageRejected("corrupt", f"invalid size {width}x{height}")
     if width * height > settings.max_pixels:
         raise ImageRejected(
-            "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {settings.max_pixels}"
+            "too_large",
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {settings.max_pixels}",
         )
     try:
         img.load()

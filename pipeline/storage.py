@@ -84,7 +84,9 @@ class Location:
     def list_files(self) -> list[str]:
         """Paths of all files below this location (recursive); empty if it does not exist."""
         selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
-        return sorted(info.path for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File)
+        return sorted(
+            info.path for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File
+        )
 
 
 def resolve(uri: str) -> Location:

@@ -339,7 +339,9 @@ def _write_coco(out: Path, n: int, seed: int, faults: bool, size, noise) -> Trut
         doc = {
             "info": {"description": "mltr synthetic COCO 2014", "version": "1.0", "year": 2014},
             "images": images,
-            "licenses": [{"url": "http://creativecommons.org/licenses/by/2.0/", "id": 1, "name": "Attribution"}],
+            "licenses": [
+                {"url": "http://creativecommons.org/licenses/by/2.0/", "id": 1, "name": "Attribution"}
+            ],
             "annotations": annotations,
             "categories": categories,
         }
@@ -394,11 +396,15 @@ def _write_voc(out: Path, n: int, seed: int, faults: bool, size, noise) -> Truth
         (voc / "Annotations" / f"{t.image_id}.xml").write_text(xml)
     for split, image_set in (("train", "trainval"), ("val", "test")):
         members = [d for d in drawn if d.truth.split == split]
-        (voc / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(f"{d.truth.image_id}\n" for d in members))
+        (voc / "ImageSets" / "Main" / f"{image_set}.txt").write_text(
+            "".join(f"{d.truth.image_id}\n" for d in members)
+        )
         for c, name in enumerate(VOC_CLASSES):
             lines = []
             for d in members:
-                flags = [difficult for (cls, _), difficult in zip(d.objects, d.difficult, strict=True) if cls == c]
+                flags = [
+                    difficult for (cls, _), difficult in zip(d.objects, d.difficult, strict=True) if cls == c
+                ]
                 flag = " 1" if flags and not all(flags) else (" 0" if flags else "-1")
                 lines.append(f"{d.truth.image_id} {flag}\n")
             (voc / "ImageSets" / "Main" / f"{name}_{image_set}.txt").write_text("".join(lines))

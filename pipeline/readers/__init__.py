@@ -16,7 +16,11 @@ from pipeline.readers.coco import read_coco
 from pipeline.readers.nuswide import read_nuswide
 from pipeline.readers.voc import read_voc
 
-READERS: dict[str, Callable[..., DatasetIndex]] = {"coco": read_coco, "voc": read_voc, "nuswide": read_nuswide}
+READERS: dict[str, Callable[..., DatasetIndex]] = {
+    "coco": read_coco,
+    "voc": read_voc,
+    "nuswide": read_nuswide,
+}
 
 
 def read_index(dataset: str, root: str, splits: tuple[str, ...] = SPLITS) -> DatasetIndex:

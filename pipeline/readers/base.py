@@ -106,11 +106,15 @@ class Fingerprint:
 
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise LayoutError(f"expected {what} at {path}, but it is {'not a folder' if path.exists() else 'missing'}")
+        raise LayoutError(
+            f"expected {what} at {path}, but it is {'not a folder' if path.exists() else 'missing'}"
+        )
     return path
 
 
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise LayoutError(f"expected {what} at {path}, but it is {'not a file' if path.exists() else 'missing'}")
+        raise LayoutError(
+            f"expected {what} at {path}, but it is {'not a file' if path.exists() else 'missing'}"
+        )
     return path

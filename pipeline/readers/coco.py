@@ -41,7 +41,9 @@ def load_coco(path: Path, data: bytes) -> COCO:
     try:
         dataset = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise AnnotationError(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise AnnotationError(
+            path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     except UnicodeDecodeError as exc:
         raise AnnotationError(path, f"not UTF-8 text: {exc}") from None
     if not isinstance(dataset, dict):
@@ -88,7 +90,9 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
             try:
                 labels = tuple(sorted({index_of[a["category_id"]] for a in anns}))
             except KeyError as exc:
-                raise AnnotationError(path, f"an annotation of image {image_id} names unknown category {exc}") from None
+                raise AnnotationError(
+                    path, f"an annotation of image {image_id} names unknown category {exc}"
+                ) from None
             if not labels:
                 empty[split] += 1
                 continue

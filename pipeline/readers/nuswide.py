@@ -88,7 +88,9 @@ def _read_official(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint
     empty: dict[str, int] = {}
     for split in splits:
         tag = OFFICIAL_SPLITS[split]
-        list_path = require_file(root / "ImageList" / f"{tag}Imagelist.txt", f"the NUS-WIDE {split} image list")
+        list_path = require_file(
+            root / "ImageList" / f"{tag}Imagelist.txt", f"the NUS-WIDE {split} image list"
+        )
         lines = [ln.strip() for ln in fingerprint.read(list_path).decode().splitlines() if ln.strip()]
         matrix = np.zeros((len(lines), len(concepts)), dtype=bool)
         for c, concept in enumerate(concepts):
@@ -126,7 +128,9 @@ def parse_label_list(text: str) -> list[str]:
 def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
     csv_files = sorted(root.glob("*.csv"))
     if len(csv_files) != 1:
-        raise LayoutError(f"expected exactly one NUS-WIDE CSV file in {root}, found {[p.name for p in csv_files]}")
+        raise LayoutError(
+            f"expected exactly one NUS-WIDE CSV file in {root}, found {[p.name for p in csv_files]}"
+        )
     path = csv_files[0]
     concepts = read_concepts(root, fingerprint, required=False)
     index_of = {c: i for i, c in enumerate(concepts)}
@@ -140,7 +144,9 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
     for line_no, row in enumerate(reader, start=2):
         split = CSV_SPLITS.get((row["split"] or "").strip().lower())
         if split is None:
-            raise AnnotationError(path, f"line {line_no}: unknown split {row['split']!r} (expected train, val or test)")
+            raise AnnotationError(
+                path, f"line {line_no}: unknown split {row['split']!r} (expected train, val or test)"
+            )
         if split not in splits:
             continue
         filename = (row["filename"] or "").strip()

@@ -88,7 +88,9 @@ def read_voc(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Da
     rejects: list[Reject] = []
     empty: dict[str, int] = {}
     for split in splits:
-        list_path = require_file(voc / "ImageSets" / "Main" / f"{IMAGE_SETS[split]}.txt", f"the VOC {split} list")
+        list_path = require_file(
+            voc / "ImageSets" / "Main" / f"{IMAGE_SETS[split]}.txt", f"the VOC {split} list"
+        )
         ids = [line.strip() for line in fingerprint.read(list_path).decode().splitlines() if line.strip()]
         empty[split] = 0
         for image_id in ids:

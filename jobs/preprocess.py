@@ -1,0 +1,84 @@
+"""Convert COCO 2014, VOC 2007 or NUS-WIDE from its official layout to sharded Parquet with a manifest.
+
+python -m jobs.preprocess --dataset coco --root /data/coco --out s3://bucket/datasets
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from jobs._config import opt, parse_config, to_dict
+from jobs._runtime import init_ray, run_job, setup_logging
+from pipeline.convert import convert
+from pipeline.images import ImageSettings
+from pipeline.readers import read_index
+
+log = logging.getLogger("jobs.preprocess")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Convert a dataset in its official layout to sharded Parquet with a manifest."""
+
+    dataset: Literal["coco", "voc", "nuswide"] = opt("coco", "which dataset layout to read")
+    root: str = opt("", "folder holding the dataset in its official layout")
+    out: str = opt("", "output folder or s3://bucket/prefix; the dataset lands in <out>/<dataset>/")
+    max_side: int = opt(512, "longer side of stored images; larger images are downscaled")
+    quality: int = opt(90, "JPEG quality of re-encoded images")
+    rows_per_shard: int = opt(1000, "maximum rows per Parquet file")
+    splits: tuple[str, ...] = opt(("train", "val"), "comma-separated splits to convert")
+    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+    def __post_init__(self):
+        if not self.root:
+            raise ValueError("--root is required: the folder holding the dataset")
+        if not self.out:
+            raise ValueError("--out is required: a folder or s3://bucket/prefix")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"--rows-per-shard must be positive, got {self.rows_per_shard}")
+
+
+def run(config: PreprocessConfig) -> dict:
+    settings = ImageSettings(max_side=config.max_side, quality=config.quality)
+    index = read_index(config.dataset, config.root, config.splits)
+    counts = index.count()
+    log.info(
+        "%s (%s): %d classes; %s images to convert; %d annotation rejects; empty %s",
+        config.dataset,
+        index.layout,
+        len(index.classes),
+        counts,
+        len(index.rejects),
+        index.empty,
+    )
+    init_ray(config.address)
+    summary = convert(index, config.out, settings, rows_per_shard=config.rows_per_shard)
+    for reject in summary.reject_examples:
+        log.warning("rejected %s: %s (%s)", reject["source_path"], reject["reason"], reject["detail"])
+    total_rejects = sum(summary.rejects.values())
+    if total_rejects > len(summary.reject_examples):
+        log.warning("... and %d more rejects", total_rejects - len(summary.reject_examples))
+    log.info(
+        "wrote %s: rows %s, rejects %s (see _rejects.jsonl), empty %s, %.1f images/s",
+        summary.uri,
+        summary.rows,
+        summary.rejects or "none",
+        summary.empty,
+        summary.images_per_second,
+    )
+    result = summary.as_dict()
+    del result["reject_examples"]
+    return {**result, "config": to_dict(config)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(PreprocessConfig, argv, prog="mltr preprocess")
+    return run_job("preprocess", lambda: run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Shared fixtures: generated datasets, a local Ray, a real S3-API server (moto) on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.synthetic import generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def aws_env():
+    """Static test credentials and a loopback S3 endpoint, set before any Ray worker starts."""
+    port = free_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_env, tmp_path_factory):
+    """A real S3-API server (moto in server mode) on loopback, reached over HTTP."""
+    endpoint = aws_env["AWS_ENDPOINT_URL"]
+    port = endpoint.rsplit(":", 1)[1]
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", port], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the S3-API server, created through s3fs; yields its name."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    name = f"test-{time.time_ns()}"
+    fs.mkdir(name)
+    yield name
+
+
+@pytest.fixture(scope="session")
+def ray_local(aws_env):
+    """One local Ray for the session, with more logical CPUs than this machine's cores."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """Build (once per session) a generated dataset with faults: synthetic_root(fmt, layout) -> (root, truth)."""
+    cache: dict = {}
+
+    def make(fmt: str, layout: str = "official", images: int = 48, seed: int = 7):
+        key = (fmt, layout, images, seed)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{fmt}-{layout}")
+            cache[key] = (root, generate(fmt, root, images, seed=seed, faults=True, layout=layout))
+        return cache[key]
+
+    return make

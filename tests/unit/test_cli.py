@@ -1,0 +1,62 @@
+"""The job entrypoints as a user runs them: bad input exits 2 with a message that names the problem."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jobs import cli
+from pipeline.synthetic import generate
+
+pytestmark = pytest.mark.unit
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_root_exits_2_naming_it(tmp_path):
+    proc = run(
+        "jobs.preprocess", "--dataset", "voc", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'nope'} does not exist" in proc.stderr
+
+
+def test_wrong_layout_exits_2_naming_the_expected_file(tmp_path):
+    proc = run("jobs.preprocess", "--dataset", "coco", "--root", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert str(tmp_path / "annotations" / "instances_train2014.json") in proc.stderr
+
+
+def test_malformed_coco_json_exits_2_naming_file_and_error(tmp_path):
+    generate("coco", tmp_path, 4)
+    path = tmp_path / "annotations" / "instances_val2014.json"
+    path.write_text("{ not json")
+    proc = run("jobs.preprocess", "--dataset", "coco", "--root", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and "invalid JSON at line 1" in proc.stderr
+
+
+def test_required_flags_are_named(tmp_path):
+    proc = run("jobs.preprocess", "--dataset", "coco")
+    assert proc.returncode == 2 and "--root is required" in proc.stderr
+
+
+def test_make_synthetic_cli_writes_official_layout(tmp_path):
+    proc = run(
+        "jobs.make_synthetic", "--format", "nuswide", "--out", str(tmp_path), "--images", "30", "--faults"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["layout"] == "nuswide-official" and result["outcomes"]["missing"] == 1
+    assert (tmp_path / "ConceptsList" / "Concepts81.txt").is_file()
+    assert "\\" in (tmp_path / "ImageList" / "TrainImagelist.txt").read_text()
+
+
+def test_console_script_dispatches_to_jobs(tmp_path, capsys):
+    assert cli.main(["make-synthetic", "--format", "voc", "--out", str(tmp_path), "--images", "4"]) == 0
+    assert (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").is_file()
+    assert cli.main(["no-such-job"]) == 2
+    assert "unknown job" in capsys.readouterr().err

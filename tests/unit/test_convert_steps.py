@@ -1,0 +1,68 @@
+"""The conversion's per-batch steps as pure functions on Arrow tables (no Ray)."""
+
+import io
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.convert import plan_blocks, process_batch, split_processed
+from pipeline.dataset import SCHEMA
+from pipeline.images import ImageSettings
+
+pytestmark = pytest.mark.unit
+
+
+def write_jpeg(path, size):
+    Image.new("RGB", size, (200, 10, 10)).save(path, "JPEG")
+
+
+def test_process_batch_keeps_good_rows_and_reports_bad_ones(tmp_path):
+    write_jpeg(tmp_path / "a.jpg", (300, 100))
+    (tmp_path / "b.jpg").write_bytes(b"garbage")
+    batch = pa.Table.from_pylist(
+        [
+            {
+                "image_id": "a",
+                "split": "train",
+                "source_path": str(tmp_path / "a.jpg"),
+                "labels": [1, 4],
+                "ignore": [],
+            },
+            {
+                "image_id": "b",
+                "split": "val",
+                "source_path": str(tmp_path / "b.jpg"),
+                "labels": [2],
+                "ignore": [3],
+            },
+            {
+                "image_id": "c",
+                "split": "val",
+                "source_path": str(tmp_path / "c.jpg"),
+                "labels": [0],
+                "ignore": [],
+            },
+        ]
+    )
+    out = process_batch(batch, ImageSettings(max_side=150))
+    parts, rejects = split_processed(out)
+    assert list(parts) == ["train"]
+    train = parts["train"]
+    assert train.schema == SCHEMA
+    assert train.to_pylist()[0]["labels"] == [1, 4]
+    assert (train["width"][0].as_py(), train["height"][0].as_py()) == (150, 50)
+    assert Image.open(io.BytesIO(train["image"][0].as_py())).size == (150, 50)
+    assert [(r["image_id"], r["split"], r["reason"]) for r in rejects] == [
+        ("b", "val", "unreadable"),
+        ("c", "val", "missing"),
+    ]
+    assert all(r["source_path"].endswith(f"{r['image_id']}.jpg") and r["detail"] for r in rejects)
+
+
+@pytest.mark.parametrize(
+    ("entries", "rows_per_shard", "cpus", "expected"),
+    [(0, 100, 2, 1), (10, 100, 2, 4), (3, 100, 4, 3), (10_000, 1000, 2, 10), (10_000, 1000, 16, 32)],
+)
+def test_plan_blocks(entries, rows_per_shard, cpus, expected):
+    assert plan_blocks(entries, rows_per_shard, cpus) == expected
