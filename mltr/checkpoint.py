@@ -1,0 +1,156 @@
+"""Checkpoint I/O: MlTr's own format, and ImageNet Swin weights (Microsoft or timm) into an MlTr model.
+
+MlTr's format is one ``torch.save`` file holding ``{"format": "mltr", "version": 1, "config":
+<MlTrConfig as a dict>, "state_dict": ..., "extra": {...}}``, so :func:`load_model` rebuilds the
+model without knowing its variant. Files are read with ``torch.load(weights_only=True)``.
+
+All file access goes through :func:`open_file`; object storage plugs in there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import torch
+
+from mltr.model import MlTr, MlTrConfig, convert_state_dict
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "mltr"
+VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+@contextlib.contextmanager
+def open_file(path: PathLike, mode: str) -> Iterator[IO[bytes]]:
+    """Open a checkpoint for ``"rb"`` or ``"wb"``: a local path or a ``file://`` URI.
+
+    Writes go to a temporary file in the same folder, renamed over ``path`` only once complete,
+    so a reader never sees half a checkpoint.
+    """
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"mode must be 'rb' or 'wb', not {mode!r}")
+    text = os.fspath(path)
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        if scheme != "file":
+            raise ValueError(f"{text}: only local paths and file:// URIs are supported here, not {scheme}://")
+        text = rest
+    target = Path(text)
+    if mode == "rb":
+        with open(target, "rb") as f:
+            yield f
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read(path: PathLike) -> Mapping[str, Any]:
+    with open_file(path, "rb") as f:
+        data = f.read()
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        return load_safetensors(data)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(model: MlTr, path: PathLike, extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``model``'s config and weights (and any ``extra`` tensors/primitives, e.g. thresholds) to ``path``."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": dataclasses.asdict(model.config),
+        "state_dict": model.state_dict(),
+        "extra": dict(extra or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with open_file(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Read an MlTr checkpoint: ``{"config": MlTrConfig, "state_dict": ..., "extra": ...}``."""
+    payload = _read(path)
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        raise ValueError(
+            f"{os.fspath(path)} is not an MlTr checkpoint (use load_pretrained for Swin weights)"
+        )
+    if payload.get("version") != VERSION:
+        raise ValueError(
+            f"{os.fspath(path)}: MlTr checkpoint version {payload.get('version')}, expected {VERSION}"
+        )
+    return {
+        "config": MlTrConfig(**payload["config"]),
+        "state_dict": payload["state_dict"],
+        "extra": dict(payload.get("extra") or {}),
+    }
+
+
+def load_model(path: PathLike) -> MlTr:
+    """Rebuild the model saved by :func:`save_checkpoint` (on the CPU, in eval mode)."""
+    checkpoint = load_checkpoint(path)
+    model = MlTr(checkpoint["config"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+class LoadResult(NamedTuple):
+    missing: list[str]
+    unexpected: list[str]
+
+
+def load_pretrained(model: MlTr, source: PathLike | Mapping[str, Any]) -> LoadResult:
+    """Load Microsoft Swin, timm Swin or MlTr weights into ``model``; returns (missing, unexpected) keys.
+
+    ``source`` is a path (``.pth``/``.pt``/``.bin``, ``.safetensors``, or an MlTr checkpoint) or a
+    state dict, possibly wrapped in ``{"model": ...}``. See :func:`mltr.model.convert_state_dict`
+    for the key mapping. Relative-position tables are resampled when windows differ. A classifier
+    that does not fit (ImageNet's 1000 classes) is skipped: the model keeps its own head, whose
+    keys are then reported missing, and the checkpoint's classifier keys are not reported as
+    unexpected. Any other shape mismatch raises ``ValueError``.
+    """
+    state_dict = _read(source) if isinstance(source, (str, os.PathLike)) else source
+    if state_dict.get("format") == FORMAT:
+        state_dict = state_dict["state_dict"]
+    converted = convert_state_dict(state_dict, model)
+    targets = model.state_dict()
+    loadable, unexpected, mismatched, skipped = {}, [], [], []
+    for key, value in converted.items():
+        if key not in targets:
+            (skipped if key.startswith("head.") else unexpected).append(key)
+        elif value.shape != targets[key].shape:
+            (skipped if key.startswith("head.") else mismatched).append(key)
+        else:
+            loadable[key] = value
+    if mismatched:
+        details = ", ".join(
+            f"{k} {tuple(converted[k].shape)} vs {tuple(targets[k].shape)}" for k in mismatched
+        )
+        raise ValueError(f"checkpoint and model disagree on shapes: {details}")
+    if skipped:
+        _logger.info(
+            "skipped the checkpoint's classifier (it does not fit this head): %s", ", ".join(skipped)
+        )
+    model.load_state_dict(loadable, strict=False)
+    missing = [k for k in targets if k not in loadable]
+    return LoadResult(missing, unexpected)
