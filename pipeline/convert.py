@@ -158,10 +158,14 @@ class ConvertSummary:
 
 
 def plan_blocks(num_entries: int, rows_per_shard: int, parallelism: int) -> int:
-    """Input blocks (= processing tasks): enough to fill every CPU twice, none over a shard."""
+    """Input blocks (= processing tasks): none over a shard, in whole waves of ``parallelism`` tasks.
+
+    Whole waves keep every CPU busy to the end instead of leaving one straggler task alone.
+    """
     if num_entries == 0:
         return 1
-    return max(1, min(num_entries, max(math.ceil(num_entries / rows_per_shard), 2 * parallelism)))
+    waves = math.ceil(math.ceil(num_entries / rows_per_shard) / parallelism)
+    return max(1, min(num_entries, waves * parallelism))
 
 
 def _cluster_cpus() -> int:

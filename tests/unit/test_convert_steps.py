@@ -62,7 +62,14 @@ def test_process_batch_keeps_good_rows_and_reports_bad_ones(tmp_path):
 
 @pytest.mark.parametrize(
     ("entries", "rows_per_shard", "cpus", "expected"),
-    [(0, 100, 2, 1), (10, 100, 2, 4), (3, 100, 4, 3), (10_000, 1000, 2, 10), (10_000, 1000, 16, 32)],
+    [
+        (0, 100, 2, 1),
+        (10, 100, 2, 2),
+        (3, 100, 4, 3),
+        (2000, 1000, 2, 2),
+        (5000, 1000, 4, 8),
+        (82_081, 1000, 2, 84),
+    ],
 )
 def test_plan_blocks(entries, rows_per_shard, cpus, expected):
     assert plan_blocks(entries, rows_per_shard, cpus) == expected
