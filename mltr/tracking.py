@@ -1,0 +1,135 @@
+"""MLflow helpers: the tracking URI default, runs that survive restarts, metrics logged exactly once.
+
+A training run keeps one MLflow run for its whole life, found again by the tag
+``mltr.train_name`` when the same ``--name`` is started again, so a resumed run continues its
+curves instead of starting a second run. Epoch metrics are logged only if that epoch is not in
+MLflow yet: a worker that dies after logging but before its checkpoint lands, or a checkpoint
+replayed after a restart, never shows an epoch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+NAME_TAG = "mltr.train_name"
+EPOCH_KEY = "epoch"  # logged once per epoch (step = epoch): the marker of an epoch already in MLflow
+
+
+def default_tracking_uri(workdir: str | os.PathLike) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store under ``workdir`` (no server)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(workdir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None = None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root)
+
+
+def start_or_resume_run(
+    client: MlflowClient, experiment_id: str, train_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> tuple[str, bool]:
+    """The run tagged with ``train_name`` in the experiment, or a new one; returns (run_id, resumed)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{train_name}'", order_by=["attributes.start_time DESC"]
+    )
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(experiment_id, run_name=train_name, tags={NAME_TAG: train_name, **tags})
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, _param_value(v)) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    return run.info.run_id, False
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:6000]
+
+
+def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
+    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_KEY)}
+
+
+def log_epoch(client: MlflowClient, run_id: str, epoch: int, metrics: Mapping[str, float]) -> bool:
+    """Log one epoch's metrics (step = epoch) unless that epoch is already in MLflow; returns whether it logged."""
+    if epoch in logged_epochs(client, run_id):
+        return False
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != EPOCH_KEY]
+    # The epoch marker goes last: an interrupted batch is logged again, not skipped.
+    client.log_batch(run_id, metrics=values)
+    client.log_batch(run_id, metrics=[Metric(EPOCH_KEY, float(epoch), now, epoch)])
+    return True
+
+
+def log_json(client: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(json.dumps(data, indent=2))
+        _log_file(client, run_id, path, artifact_file)
+
+
+def _log_file(client: MlflowClient, run_id: str, path: Path, artifact_file: str) -> None:
+    parent = str(Path(artifact_file).parent)
+    client.log_artifact(run_id, str(path), artifact_path=None if parent == "." else parent)
+
+
+def set_tracking(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def log_table(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """A list of flat dicts as a CSV artifact (per-class AP tables)."""
+    import csv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["class"])
+            writer.writeheader()
+            writer.writerows(rows)
+        _log_file(client, run_id, path, artifact_file)
+
+
+def log_pr_plot(
+    client: MlflowClient, run_id: str, curves: Mapping[str, tuple[list[float], list[float]]], artifact_file: str
+) -> None:
+    """Precision-recall curves (name -> (recall, precision)) as a PNG artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="validation precision-recall")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        _log_file(client, run_id, path, artifact_file)

@@ -1,0 +1,343 @@
+"""The per-worker training loop: one module-level function of a typed config, run by Ray Train.
+
+Each worker builds MlTr, wraps it in DDP (``ray.train.torch.prepare_model``), streams its shard
+of the decoded, augmented batches from Ray Data, and every epoch trains, evaluates the model and
+its EMA on its shard of ``val``, gathers the metrics across workers, and reports them with a
+checkpoint (rank 0 writes it; ``ray.train.report`` is a barrier every worker reaches once per
+epoch). Restarts (``FailureConfig.max_failures``, or the same run name started again) resume
+from ``ray.train.get_checkpoint()``. Rank 0 logs each epoch to MLflow exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from mltr import tracking
+from mltr.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from mltr.losses import build_loss
+from mltr.metrics import MetricAccumulator, best_f1_thresholds
+from mltr.model import MlTr, create_model
+from pipeline.ingest import normalize
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"  # optimiser, scheduler, scaler, EMA, epoch, RNG, history
+MODEL_FILE = "model.pt"  # MlTr's own checkpoint format: mltr.load_model() rebuilds it
+EMA_FILE = "model_ema.pt"
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train MlTr on a converted dataset with Ray Train (DDP) and track it in MLflow."""
+
+    data: str = _help("converted dataset: <out>/<dataset> as written by preprocess (local or s3://)", "")
+    model: str = _help("model variant (mltr_tiny, mltr_s, mltr_m, mltr_l, mltr_xl)", "mltr_tiny")
+    image_size: int | None = _help("input side in pixels (default: the variant's)", None)
+    window_size: int | None = _help("attention window in tokens (default: the variant's)", None)
+    head: Literal["pool", "query"] = _help("classifier head", "pool")
+    loss: Literal["asl", "bce", "focal"] = _help("multi-label loss", "asl")
+    epochs: int = _help("training epochs", 10)
+    batch_size: int = _help("images per worker per step", 32)
+    lr: float = _help("peak learning rate of the OneCycle schedule (AdamW)", 1e-3)
+    weight_decay: float = _help("AdamW weight decay (not applied to norms, biases, position tables)", 0.05)
+    grad_clip: float = _help("clip the gradient norm to this (0 disables)", 1.0)
+    accumulate: int = _help("gradient accumulation steps per optimiser step", 1)
+    ema_decay: float = _help("decay of the EMA of the weights", 0.998)
+    drop_path_rate: float | None = _help("stochastic depth (default: the variant's)", None)
+    randaugment: bool = _help("RandAugment in the training transforms", True)
+    shuffle_buffer: int = _help("rows in each worker's local shuffle buffer", 256)
+    num_workers: int = _help("Ray Train workers (DDP processes)", 2)
+    use_gpu: bool = _help("one GPU per worker", False)
+    cpus_per_worker: float = _help("CPUs each Train worker reserves; the rest feed Ray Data", 1.0)
+    workdir: str = _help("local folder for the embedded defaults (Ray results, MLflow SQLite store)", "work")
+    storage: str | None = _help("checkpoints and Ray results: a folder or s3://bucket/prefix (default: <workdir>/ray_results)", None)
+    name: str | None = _help("run name; the same name again resumes it (default: <dataset>-<model>-<time>)", None)
+    max_failures: int = _help("worker failures survived by restarting from the last checkpoint", 0)
+    init_from: str | None = _help("start from a Swin (Microsoft or timm layout) or MlTr checkpoint", None)
+    mlflow_uri: str | None = _help("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in workdir)", None)
+    experiment: str = _help("MLflow experiment", "mltr")
+    seed: int = _help("random seed", 0)
+    address: str | None = _help("Ray address (default: RAY_ADDRESS, else a local Ray)", None)
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("--data is required: the converted dataset, <out>/<dataset>")
+        for name in ("epochs", "batch_size", "accumulate", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+    def model_overrides(self, num_classes: int) -> dict[str, Any]:
+        overrides: dict[str, Any] = {"num_classes": num_classes, "head": self.head}
+        for name in ("image_size", "window_size", "drop_path_rate"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
+        return overrides
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What the driver resolves once and every worker needs (passed through ``train_loop_config``)."""
+
+    config: TrainConfig
+    num_classes: int
+    image_size: int
+    train_rows: int
+    mlflow_uri: str
+    mlflow_run_id: str
+
+
+# --- pieces of the loop, each testable on its own -----------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weights, none on ``no_weight_decay()`` parameters."""
+    module = unwrap(model)
+    skip = module.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def steps_per_epoch(train_rows: int, world_size: int, batch_size: int, accumulate: int) -> int:
+    """Optimiser steps per epoch on each worker (Ray splits rows equally across workers)."""
+    batches = math.ceil((train_rows // world_size) / batch_size)
+    return max(1, math.ceil(batches / accumulate))
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    module = unwrap(model)
+    return torch.optim.swa_utils.AveragedModel(
+        module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+    )
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def micro_pr_curve(logits: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor, points: int = 200):
+    """Micro-averaged precision-recall curve over all non-ignored entries, thinned to about ``points``."""
+    keep = ~ignore.bool()
+    scores, positive = logits[keep].float(), targets[keep].bool()
+    order = torch.argsort(scores, descending=True)
+    hits = positive[order].double().cumsum(0)
+    ranks = torch.arange(1, hits.numel() + 1, dtype=torch.float64)
+    precision = hits / ranks
+    recall = hits / max(float(positive.sum()), 1.0)
+    step = max(1, hits.numel() // points)
+    return recall[::step].tolist(), precision[::step].tolist()
+
+
+def label_frequency_baseline(train_targets: np.ndarray, val_targets: np.ndarray, val_ignore: np.ndarray) -> float:
+    """mAP of scoring every validation image with the classes' training frequencies (a model that sees nothing)."""
+    from mltr.metrics import mean_average_precision
+
+    frequency = train_targets.mean(axis=0, keepdims=True)
+    scores = np.broadcast_to(frequency, val_targets.shape).copy()
+    return mean_average_precision(scores, val_targets, val_ignore)[0]
+
+
+def evaluate(models: dict[str, nn.Module], batches, device: torch.device) -> dict[str, MetricAccumulator]:
+    """Run every model over the batches; one accumulator per model, gathered across workers."""
+    accumulators = {name: MetricAccumulator() for name in models}
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            images = normalize(batch["image"].to(device, non_blocking=True))
+            for name, model in models.items():
+                with autocast(device):
+                    logits = model(images)
+                accumulators[name].update(logits.float().cpu(), batch["targets"], batch["ignore_mask"])
+    return {name: acc.gather() for name, acc in accumulators.items()}
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker; ``loop_config["ctx"]`` is a :class:`LoopContext`."""
+    ctx: LoopContext = loop_config["ctx"]
+    cfg = ctx.config
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    model: MlTr = create_model(cfg.model, **cfg.model_overrides(ctx.num_classes))
+    if cfg.init_from:
+        missing, unexpected = load_pretrained(model, cfg.init_from)
+        if rank == 0:
+            log.info("init from %s: %d missing, %d unexpected keys", cfg.init_from, len(missing), len(unexpected))
+    model = ray.train.torch.prepare_model(model)
+    ema = make_ema(model, cfg.ema_decay).to(device)
+    criterion = build_loss(cfg.loss)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    per_epoch = steps_per_epoch(ctx.train_rows, world, cfg.batch_size, cfg.accumulate)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * per_epoch, pct_start=0.2
+    )
+    # bf16 needs no loss scaling; the scaler is kept (disabled) so fp16 can be switched on without a new format.
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    start_epoch, history, best = 0, [], {"val_mAP": -1.0, "epoch": -1}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            unwrap(model).load_state_dict(load_checkpoint(Path(folder) / MODEL_FILE)["state_dict"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", state["epoch"])
+
+    client = tracking.set_tracking(ctx.mlflow_uri) if rank == 0 else None
+    if client is not None:
+        # Epochs checkpointed but not logged (the worker died in between) are logged now.
+        for record in history:
+            tracking.log_epoch(client, ctx.mlflow_run_id, record["epoch"], record["metrics"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        ema.train()
+        started, seen, loss_sum, batches_done, wait = time.perf_counter(), 0, 0.0, 0, 0.0
+        optimizer.zero_grad(set_to_none=True)
+        fetch = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None, drop_last=False
+        )
+        for i, batch in enumerate(batches):
+            wait += time.perf_counter() - fetch
+            images = normalize(batch["image"].to(device, non_blocking=True))
+            targets = batch["targets"].to(device)
+            ignore = batch["ignore_mask"].to(device)
+            with autocast(device):
+                logits = model(images)
+            loss = criterion(logits.float(), targets, ignore) / cfg.accumulate
+            loss.backward()
+            if (i + 1) % cfg.accumulate == 0:
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler.last_epoch < scheduler.total_steps:
+                    scheduler.step()
+                ema.update_parameters(unwrap(model))
+            loss_sum += loss.item() * cfg.accumulate
+            seen += images.shape[0]
+            batches_done += 1
+            fetch = time.perf_counter()
+        train_seconds = time.perf_counter() - started
+
+        val_batches = val_shard.iter_torch_batches(batch_size=cfg.batch_size * 2)
+        results = evaluate({"model": model, "ema": ema.module}, val_batches, device)
+        model_metrics = results["model"].compute()
+        ema_metrics = results["ema"].compute()
+        chosen_name, chosen = max((("model", model_metrics), ("ema", ema_metrics)), key=lambda kv: kv[1].mAP)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, batches_done),
+            "train_images_per_s_per_worker": seen / max(train_seconds, 1e-9),
+            "data_wait_s": wait,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{f"val_{k}": v for k, v in model_metrics.as_dict().items()},
+            **{f"val_ema_{k}": v for k, v in ema_metrics.as_dict().items()},
+            "val_best_of_mAP": chosen.mAP,
+        }
+        is_best = chosen.mAP > best["val_mAP"]
+        if is_best:
+            best = {"val_mAP": chosen.mAP, "epoch": epoch, "weights": chosen_name}
+        history.append({"epoch": epoch, "metrics": metrics})
+
+        with tempfile.TemporaryDirectory() as folder:
+            report_checkpoint = None
+            if rank == 0:
+                module = unwrap(model)
+                logits, targets, ignore = results[chosen_name]._concat()
+                thresholds = best_f1_thresholds(logits, targets, ignore)
+                pr_curve = micro_pr_curve(logits, targets, ignore)
+                extra = {"epoch": epoch, "classes_metrics": metrics, "thresholds": thresholds.tolist()}
+                save_checkpoint(module, Path(folder) / MODEL_FILE, extra=extra)
+                save_checkpoint(ema.module, Path(folder) / EMA_FILE, extra=extra)
+                torch.save(
+                    {
+                        "epoch": epoch,
+                        "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rng_state(),
+                        "history": history,
+                        "best": best,
+                        "per_class_ap": {
+                            "model": model_metrics.per_class_ap.tolist(),
+                            "ema": ema_metrics.per_class_ap.tolist(),
+                        },
+                        "thresholds": thresholds.tolist(),
+                        "pr_curve": pr_curve,
+                        "weights": chosen_name,
+                    },
+                    Path(folder) / TRAIN_STATE,
+                )
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=report_checkpoint)
+        if client is not None:
+            tracking.log_epoch(client, ctx.mlflow_run_id, epoch, metrics)
+            log.info(
+                "epoch %d: loss %.4f, val mAP %.4f (EMA %.4f), %.0f images/s/worker",
+                epoch,
+                metrics["train_loss"],
+                model_metrics.mAP,
+                ema_metrics.mAP,
+                metrics["train_images_per_s_per_worker"],
+            )
