@@ -209,6 +209,10 @@ class MetricAccumulator:
         self._targets.append(targets)
         self._ignore.append(ignore)
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All rows so far as (logits, targets, ignore): (N, K) float, bool, bool."""
+        return self._concat()
+
     def _concat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._logits:
             raise ValueError("no batches were added")

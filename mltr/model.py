@@ -310,12 +310,16 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B*nW, nH, N, hd each
         bias = self.relative_position_bias()  # nH, N, N
         if mask is None:
-            attn_mask = bias.unsqueeze(0)  # 1, nH, N, N
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))  # B*nW, nH, N, hd
         else:
-            attn_mask = mask.unsqueeze(1) + bias  # nW, nH, N, N
-            attn_mask = attn_mask.expand(B_ // mask.shape[0], -1, -1, -1, -1)  # B, nW, nH, N, N
-            attn_mask = attn_mask.reshape(B_, -1, N, N)  # B*nW, nH, N, N
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)  # B*nW, N, nH, hd
+            # Fold windows into heads so one (nW*nH, N, N) mask broadcasts over the batch instead of being
+            # copied for every image.
+            nW, hd = mask.shape[0], C // self.num_heads
+            q, k, v = (t.reshape(-1, nW * self.num_heads, N, hd) for t in (q, k, v))  # B, nW*nH, N, hd
+            attn_mask = (mask.unsqueeze(1) + bias).reshape(1, nW * self.num_heads, N, N)  # 1, nW*nH, N, N
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # B, nW*nH, N, hd
+            out = out.reshape(B_, self.num_heads, N, hd)  # B*nW, nH, N, hd (a copy when kernels transpose)
+        out = out.transpose(1, 2)  # B*nW, N, nH, hd
         if self.cross is not None and summaries is not None:
             out = out + self.cross(x, summaries)  # B*nW, N, nH, hd
         return self.proj(out.reshape(B_, N, C))  # B*nW, N, C
@@ -572,7 +576,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: MlTr) -> dict[str, 
     same in both (timm's permute reproduces Microsoft's x0, x1, x2, x3 concatenation), so weights
     need no reordering. Buffers (``relative_position_index``, ``attn_mask``) are dropped; a
     ``module.`` prefix (DDP) is removed; relative-position tables are resampled (bicubic) to the
-    model's windows.
+    model's windows. Keys are not checked against the model here (:func:`mltr.load_pretrained` does).
     """
     state_dict = _unwrap_state_dict(state_dict)
     if all(k.startswith("module.") for k in state_dict):
@@ -587,10 +591,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: MlTr) -> dict[str, 
             key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", key)
             key = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
         table = key.endswith("relative_position_bias_table") and key in targets
-        if table and value.shape != targets[key].shape:
-            if value.shape[1] != targets[key].shape[1]:
-                heads = f"{value.shape[1]} heads in the checkpoint, {targets[key].shape[1]} in the model"
-                raise ValueError(f"{key}: {heads}")
+        # Another window size resamples; another number of heads is left for the caller to report.
+        if table and value.shape != targets[key].shape and value.shape[1] == targets[key].shape[1]:
             window = model.get_submodule(key.rsplit(".", 1)[0]).window_size
             value = resize_relative_position_table(value, window)
         out[key] = value

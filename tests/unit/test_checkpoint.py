@@ -1,0 +1,151 @@
+"""Checkpoints: Microsoft and timm Swin layouts into MlTr, window resampling, MlTr's own format."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from mltr import create_model, load_checkpoint, load_model, load_pretrained, save_checkpoint
+from mltr.model import resize_relative_position_table
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def timm_swin():
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def timm_features(timm_swin, images):
+    with torch.no_grad():
+        return timm_swin.forward_features(images)  # B, 7, 7, 768 (timm's Swin is NHWC)
+
+
+def microsoft_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict the official Swin code saves: patch merging at the end of stage i, ``head.*``, buffers."""
+    out = {}
+    for key, value in timm_state.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", key)
+        out[key.replace("head.fc.", "head.")] = value
+        if key.endswith("relative_position_bias_table"):
+            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49, 49)
+    out["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)
+    return out
+
+
+def cross_or_head(key: str) -> bool:
+    return ".attn.cross." in key or key.startswith("head.")
+
+
+def test_timm_layout_loads_and_computes_swin(timm_swin, images, timm_features):
+    model = create_model("mltr_s", num_classes=80, head="pool").eval()
+    missing, unexpected = load_pretrained(model, timm_swin.state_dict())
+    assert unexpected == []
+    assert missing and all(cross_or_head(k) for k in missing)
+    assert {"head.fc.weight", "head.fc.bias"} <= set(missing)  # ImageNet's 1000-class head does not fit 80
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images), timm_features, atol=1e-4, rtol=1e-4)
+
+
+def test_microsoft_layout_loads_and_computes_swin(timm_swin, images, timm_features, tmp_path):
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": microsoft_layout(timm_swin.state_dict())}, path)
+    model = create_model("mltr_s", num_classes=1000).eval()
+    missing, unexpected = load_pretrained(model, path)
+    assert unexpected == []
+    assert missing and all(".attn.cross." in k for k in missing)  # 1000 classes: the head loads too
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images), timm_features, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(images), timm_swin(images), atol=1e-4, rtol=1e-4)
+
+
+def test_patch_merging_channel_order_is_microsofts():
+    torch.manual_seed(0)
+    merge = create_model("mltr_tiny").layers[1].downsample
+    x = torch.randn(2, 8, 6, 32)
+    # The official implementation: concatenate the four strided sub-grids in this order.
+    x0, x1, x2, x3 = x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]
+    expected = merge.reduction(merge.norm(torch.cat([x0, x1, x2, x3], -1)))
+    torch.testing.assert_close(merge(x), expected)
+
+
+def test_window_change_resamples_relative_position_tables(timm_swin):
+    model = create_model("mltr_s", image_size=384, window_size=12)  # stage grids 96, 48, 24, 12
+    missing, unexpected = load_pretrained(model, timm_swin.state_dict())
+    assert unexpected == [] and all(cross_or_head(k) for k in missing)
+    source = timm_swin.state_dict()["layers.2.blocks.3.attn.relative_position_bias_table"]  # 13*13, 12
+    loaded = model.state_dict()["layers.2.blocks.3.attn.relative_position_bias_table"]
+    assert source.shape == (13 * 13, 12) and loaded.shape == (23 * 23, 12)
+    reference = F.interpolate(
+        source.T.reshape(1, 12, 13, 13), size=(23, 23), mode="bicubic", align_corners=False
+    ).reshape(12, 23 * 23)
+    torch.testing.assert_close(loaded, reference.T)
+
+
+def test_relative_table_resampling_keeps_heads_and_orientation():
+    heads = torch.arange(3.0)
+    constant = heads.expand(13 * 13, 3)  # every offset of head h has bias h
+    torch.testing.assert_close(resize_relative_position_table(constant, 12), heads.expand(23 * 23, 3))
+    # A bias that varies with the row offset only must still vary with the row offset only.
+    rows = torch.arange(13.0).repeat_interleave(13).unsqueeze(1).repeat(1, 2)  # 169, 2
+    grid = resize_relative_position_table(rows, 5).T.reshape(2, 9, 9)
+    torch.testing.assert_close(grid, grid[:, :, :1].expand(-1, -1, 9))
+    assert (grid[:, 1:, 0] > grid[:, :-1, 0]).all()
+
+
+def test_shape_mismatch_outside_the_head_is_an_error(timm_swin):
+    model = create_model("mltr_tiny")
+    with pytest.raises(ValueError, match="disagree on shapes"):
+        load_pretrained(model, timm_swin.state_dict())
+
+
+def test_own_checkpoint_round_trips_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mltr_tiny", num_classes=7, head="query", window_size=2).eval()
+    for module in model.modules():
+        if hasattr(module, "gate"):
+            torch.nn.init.normal_(module.gate)
+    path = tmp_path / "ckpt" / "model.pt"
+    save_checkpoint(model, path, extra={"epoch": 3, "thresholds": torch.full((7,), 0.4)})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
+    restored = load_model(f"file://{path}")
+    assert restored.config == model.config
+    original, copy = model.state_dict(), restored.state_dict()
+    assert original.keys() == copy.keys() and all(torch.equal(original[k], copy[k]) for k in original)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(images), model(images))
+    extra = load_checkpoint(path)["extra"]
+    assert extra["epoch"] == 3 and torch.equal(extra["thresholds"], torch.full((7,), 0.4))
+    # The same file also starts a fresh model through load_pretrained, head included.
+    fresh = create_model("mltr_tiny", num_classes=7, head="query", window_size=2)
+    assert load_pretrained(fresh, path) == ([], [])
+
+
+def test_safetensors_source(timm_swin, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_swin.state_dict().items()}, path)
+    missing, unexpected = load_pretrained(create_model("mltr_s"), path)
+    assert unexpected == [] and all(cross_or_head(k) for k in missing)
+
+
+def test_not_an_mltr_checkpoint(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not an MlTr checkpoint"):
+        load_model(path)
+    with pytest.raises(ValueError, match="only local paths"):
+        load_model("s3://bucket/model.pt")
