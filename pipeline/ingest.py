@@ -1,0 +1,328 @@
+"""Training-time ingest: Parquet shards -> decoded, augmented uint8 images + multi-hot targets.
+
+    ShardUnits(uri, split)              read tasks of ~128 rows (whole row groups), listed from the
+                                        manifest, in a new random order every epoch for training
+      -> map_batches(transform_batch)   decode + augment, fused into the same task
+    -> {"image": uint8 (B, 3, S, S), "targets": float32 (B, C), "ignore_mask": bool (B, C)}
+    on the Train worker: normalize(batch["image"].to(device))
+
+Why not ``read_split(uri).map_batches(...)``: on Ray 2.60 the Parquet reader either bin-packs
+shards into 128 MiB read units (the default datasource V2, ignoring ``override_num_blocks``) or
+reads at most one task per shard (V1), and a map task never splits its input block; a separate
+split or repartition operator fixes the task count but then Ray Data's per-operator CPU
+reservation leaves the decode map one CPU on a small cluster. Here the read and the decode are
+one operator: every CPU decodes, one task per row-group range, and only the uint8 output
+crosses the object store (JPEG bytes stay inside the task; columns not needed are never read).
+
+Images cross the object store as uint8 (a quarter of float32); the float conversion and the
+ImageNet normalisation happen on the training worker (or its GPU) in :func:`normalize`.
+
+Augmentation (``train=True``), per image, with ``torchvision.transforms.v2`` on uint8 tensors:
+RandomResizedCrop -> RandomHorizontalFlip -> RandAugment -> RandomErasing (cutout, value 0).
+Validation (``train=False``) squashes every image to ``image_size x image_size`` without
+cropping, as the multi-label COCO papers evaluate (ASL, Query2Label, ML-Decoder): a centre
+crop would cut off labelled objects near the border.
+
+Randomness: Ray re-executes the read and the map every epoch, in worker processes whose torch
+generator starts from the same fixed default seed. With ``seed=None`` each batch draws a fresh
+seed from ``os.urandom``, so epochs and workers differ; with a fixed ``seed`` each image's
+augmentation depends only on ``(seed, image_id)``, whatever the batching, and is the same every
+epoch (tests, debugging). The worker's global torch RNG is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import torch
+from pyarrow.fs import FileSystem
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from pipeline.convert import ROW_GROUP_SIZE
+from pipeline.dataset import load_manifest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Columns the map needs; image_id only names a bad image in the error (and is kept if asked).
+INPUT_COLUMNS = ["image_id", "image", "labels", "ignore"]
+_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
+# Rows per read+decode task: whole row groups of the converter (128 rows), ~0.2-0.4 s of decoding
+# on one core: long enough to hide a task's start-up, short enough to keep every CPU busy.
+ROWS_PER_TASK = ROW_GROUP_SIZE
+
+
+class ImageDecodeError(RuntimeError):
+    """A stored image that cannot be decoded (conversion validated every image, so: a damaged shard)."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """What the ingest produces: output size, classes, and the training augmentation."""
+
+    num_classes: int  # length of the multi-hot target (the manifest's num_classes)
+    image_size: int = 224  # side of the square output images
+    # False: deterministic resize for validation. Augmentation must be asked for, so a forgotten
+    # flag never augments an evaluation.
+    train: bool = False
+    # Fraction of the image area a random crop keeps. Not torchvision's (0.08, 1): in multi-label
+    # data a small crop drops labelled (often small) objects while their labels stay positive, and
+    # enlarges what remains beyond the scale seen at validation. (1.0, 1.0) disables cropping
+    # (ASL/Query2Label train on plain resizes).
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the random crop
+    flip_p: float = 0.5  # probability of a horizontal flip (no COCO/VOC/NUS class is side-specific)
+    randaugment: bool = True
+    randaugment_ops: int = 2  # RandAugment num_ops
+    randaugment_magnitude: int = 9  # RandAugment magnitude, 0..30 (torchvision's bins)
+    erase_p: float = 0.5  # probability of one cutout rectangle (RandomErasing, value 0)
+    # Its area as a fraction of the image: up to a quarter, the size of ASL's cutout square.
+    erase_scale: tuple[float, float] = (0.02, 0.25)
+    seed: int | None = None  # None: fresh randomness every epoch; an int: reproducible per image_id
+    keep_ids: bool = False  # also output image_id (evaluation, tests); strings: use iter_batches
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        for name in ("flip_p", "erase_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+        if not 0 < self.erase_scale[0] <= self.erase_scale[1] < 1:
+            raise ValueError(f"erase_scale must satisfy 0 < low <= high < 1, got {self.erase_scale}")
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ValueError("randaugment_ops must be >= 0 and randaugment_magnitude in 0..30")
+
+
+@lru_cache(maxsize=8)
+def make_transform(cfg: IngestConfig) -> v2.Transform:
+    """The per-image transform of ``cfg``: uint8 (3, H, W) -> uint8 (3, S, S)."""
+    size = (cfg.image_size, cfg.image_size)
+    if not cfg.train:
+        return v2.Resize(size, antialias=True)
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),
+        v2.RandomHorizontalFlip(cfg.flip_p),
+    ]
+    if cfg.randaugment and cfg.randaugment_ops:
+        steps.append(v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude))
+    if cfg.erase_p:
+        steps.append(v2.RandomErasing(p=cfg.erase_p, scale=cfg.erase_scale, value=0))
+    return v2.Compose(steps)
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 63-bit seed for one image's augmentation, from the config seed and the image id."""
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def decode_images(data: list[bytes] | np.ndarray, image_ids: list[str] | np.ndarray) -> list[torch.Tensor]:
+    """Decode JPEG bytes to RGB uint8 (3, H, W) tensors; a bad image raises with its id."""
+    # A copy per image (a few tens of kB): decode_jpeg wants a writable tensor, bytes are read-only.
+    tensors = [torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in data]
+    if not tensors:
+        return []
+    try:
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass
+    for image_id, tensor in zip(image_ids, tensors, strict=True):  # find which one failed
+        try:
+            decode_jpeg(tensor, mode=ImageReadMode.RGB)
+        except RuntimeError as exc:
+            # torchvision prefixes "<function>, <source file>:<line>, " to libjpeg's message.
+            reason = _TORCHVISION_PREFIX.sub("", str(exc).strip())
+            raise ImageDecodeError(
+                f"image {image_id!r}: cannot decode its stored JPEG ({len(tensor)} bytes): {reason}"
+            ) from None
+    raise ImageDecodeError(f"a batch of {len(tensors)} images failed to decode, yet each decodes alone")
+
+
+def multi_hot(
+    labels: Any, ignore: Any, num_classes: int, image_ids: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot float32 targets and bool ignore masks (B, C); ignored classes are 0 in targets."""
+    n = len(labels)
+    targets = np.zeros((n, num_classes), dtype=np.float32)
+    mask = np.zeros((n, num_classes), dtype=bool)
+    for i in range(n):
+        pos = np.asarray(labels[i], dtype=np.int64)
+        ign = np.asarray(ignore[i], dtype=np.int64)
+        for cls in (pos, ign):
+            if cls.size and (cls.min() < 0 or cls.max() >= num_classes):
+                name = image_ids[i] if image_ids is not None else f"row {i}"
+                raise ValueError(
+                    f"image {name!r}: class index out of range 0..{num_classes - 1}: {cls.tolist()}"
+                )
+        targets[i, pos] = 1.0
+        mask[i, ign] = True
+        targets[i, ign] = 0.0
+    return targets, mask
+
+
+def transform_batch(batch: dict[str, np.ndarray], cfg: IngestConfig) -> dict[str, np.ndarray]:
+    """Decode and transform one numpy batch (Ray Data's ``batch_format="numpy"``); pure.
+
+    In: ``image`` (object array of JPEG bytes), ``labels`` and ``ignore`` (int lists per row),
+    ``image_id`` (optional, for error messages and ``keep_ids``).
+    Out: ``image`` uint8 (B, 3, S, S), ``targets`` float32 (B, C), ``ignore_mask`` bool (B, C),
+    and ``image_id`` if ``cfg.keep_ids``.
+    """
+    data = batch["image"]
+    n = len(data)
+    ids = batch["image_id"] if "image_id" in batch else np.array([f"row {i}" for i in range(n)], dtype=object)
+    transform = make_transform(cfg)
+    images = decode_images(data, ids)
+    out_images = np.empty((n, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    if cfg.train:
+        with torch.random.fork_rng(devices=[]):
+            if cfg.seed is None:
+                torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            for i, image in enumerate(images):
+                if cfg.seed is not None:
+                    torch.manual_seed(image_seed(cfg.seed, str(ids[i])))
+                out_images[i] = transform(image).numpy()
+    else:
+        for i, image in enumerate(images):
+            out_images[i] = transform(image).numpy()
+    targets, mask = multi_hot(batch["labels"], batch["ignore"], cfg.num_classes, ids)
+    out = {"image": out_images, "targets": targets, "ignore_mask": mask}
+    if cfg.keep_ids:
+        out["image_id"] = np.asarray(ids, dtype=object)
+    return out
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """Rows ``[start, stop)`` of one shard: what one read+decode task reads."""
+
+    path: str
+    start: int
+    stop: int
+
+
+def plan_units(files: list[str], rows: list[int], rows_per_task: int) -> list[ReadUnit]:
+    """Cut every shard into units of ``rows_per_task`` rows (the last one of a shard may be shorter)."""
+    if rows_per_task < 1:
+        raise ValueError(f"rows_per_task must be positive, got {rows_per_task}")
+    return [
+        ReadUnit(path, start, min(start + rows_per_task, n))
+        for path, n in zip(files, rows, strict=True)
+        for start in range(0, n, rows_per_task)
+    ]
+
+
+def read_unit(fs: FileSystem, unit: ReadUnit, columns: list[str]) -> pa.Table:
+    """Read only the row groups of ``unit`` (and only ``columns``) from its shard."""
+    shard = pq.ParquetFile(unit.path, filesystem=fs)
+    bounds = np.cumsum([0] + [shard.metadata.row_group(i).num_rows for i in range(shard.num_row_groups)])
+    if unit.stop > bounds[-1]:
+        raise ValueError(f"{unit.path}: has {bounds[-1]} rows, the manifest promised at least {unit.stop}")
+    groups = [i for i in range(shard.num_row_groups) if bounds[i] < unit.stop and bounds[i + 1] > unit.start]
+    table = shard.read_row_groups(groups, columns=columns)
+    return table.slice(unit.start - int(bounds[groups[0]]), unit.stop - unit.start)
+
+
+class ShardUnits(Datasource):
+    """The shards of one split of a converted dataset as read tasks of ``rows_per_task`` rows.
+
+    The manifest lists the shards and their rows, so units are planned without opening a file.
+    Read tasks are made again for every execution (every epoch), in a new random order when
+    ``shuffle`` (a fixed order per ``seed`` if one is given).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        split: str,
+        columns: list[str],
+        rows_per_task: int = ROWS_PER_TASK,
+        shuffle: bool = False,
+        seed: int | None = None,
+    ):
+        manifest = load_manifest(uri)
+        files = manifest.files(split)  # raises KeyError for a split the dataset does not have
+        rows = [f["rows"] for f in manifest.data["splits"][split]["files"]]
+        self.fs = manifest.location.fs
+        self.units = plan_units(files, rows, rows_per_task)
+        self.columns = list(columns)
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def get_name(self) -> str:
+        return "MltrShards"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        units = list(self.units)
+        if self.shuffle:
+            random.Random(self.seed if self.seed is not None else os.urandom(8)).shuffle(units)
+        return [
+            ReadTask(
+                partial(_read_unit_blocks, self.fs, unit, self.columns),
+                BlockMetadata(
+                    num_rows=unit.stop - unit.start, size_bytes=None, exec_stats=None, input_files=[unit.path]
+                ),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for unit in units
+        ]
+
+
+def _read_unit_blocks(fs: FileSystem, unit: ReadUnit, columns: list[str]) -> list[pa.Table]:
+    return [read_unit(fs, unit, columns)]
+
+
+def build_dataset(
+    uri: str, split: str, cfg: IngestConfig, *, rows_per_task: int = ROWS_PER_TASK, **map_kwargs: Any
+) -> ray.data.Dataset:
+    """The split at ``uri`` as decoded, transformed batches (a lazy ``ray.data.Dataset``).
+
+    One task per ``rows_per_task`` rows reads its row groups and decodes them in one
+    :func:`transform_batch` call: the read and the map fuse into one operator (a ``batch_size``
+    in ``map_kwargs`` would split them again: Ray 2.60 does not fuse a read with a batched map).
+    Training (``cfg.train``) visits the units in a new random order every epoch; mix rows across
+    units with ``local_shuffle_buffer_size`` in ``iter_torch_batches``. ``map_kwargs`` go to
+    ``map_batches`` (``num_cpus``, ``memory``, ...).
+    """
+    source = ShardUnits(uri, split, INPUT_COLUMNS, rows_per_task, shuffle=cfg.train, seed=cfg.seed)
+    if not source.units:
+        raise ValueError(f"dataset {uri} has no rows in split {split!r}")
+    map_kwargs.setdefault("batch_size", None)
+    return ray.data.read_datasource(source, override_num_blocks=len(source.units)).map_batches(
+        transform_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", **map_kwargs
+    )
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics, on its device.
+
+    Always float32, also under autocast (the model's autocast casts at its first layer).
+    """
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std
