@@ -7,6 +7,7 @@ import sys
 
 BENCHES = {
     "preprocess": "jobs.bench.preprocess",
+    "ingest": "jobs.bench.ingest",
     "model": "jobs.bench.model",
     "model-gpu": "jobs.bench.model_gpu",
 }

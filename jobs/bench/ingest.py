@@ -1,0 +1,279 @@
+"""Benchmark the training-time ingest: Ray Data over Parquet shards vs a DataLoader over JPEG files.
+
+    python -m jobs.bench ingest --images 3000
+
+Both sides deliver the same batches (uint8 images, multi-hot targets, ignore masks) from the
+same stored JPEG bytes with the same per-image work (:func:`pipeline.ingest.decode_images` +
+:func:`pipeline.ingest.make_transform`: decode, RandomResizedCrop, flip, RandAugment, cutout):
+
+- Ray Data: ``build_dataset(<converted dataset>, "train", cfg).iter_torch_batches(...)``;
+- baseline: ``torch.utils.data.DataLoader(num_workers=2, shuffle=True)`` over the converted
+  dataset's JPEG bytes written out as one file per image (so the decode work is identical).
+
+The machine may be shared, so the two sides take turns, epoch by epoch (DataLoader, then Ray
+Data), after one warm-up epoch each (workers start, imports, caches): a change of load from
+other work lands on both. Ray is started first and stays up (its idle daemons cost the
+DataLoader a little), the DataLoader's workers are persistent. Two figures per side:
+
+- steady state (``ratio``): images/s after the first ``--warmup-batches`` batches of every
+  timed epoch, to the end of the epoch;
+- whole epochs (``ratio_epochs``): including each epoch's start. Ray Data 2.60 learns the
+  cluster's resources asynchronously at the start of every execution and runs one task at a
+  time until then (about a second): a fixed cost per epoch that long epochs hide.
+
+Ray's start-up is reported separately. Ends with one JSON line holding every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from jobs._config import opt, parse_config, to_dict
+from jobs._runtime import init_ray
+from pipeline.convert import convert
+from pipeline.dataset import load_manifest
+from pipeline.images import ImageSettings
+from pipeline.ingest import (
+    ROWS_PER_TASK,
+    IngestConfig,
+    build_dataset,
+    decode_images,
+    make_transform,
+    multi_hot,
+)
+from pipeline.readers import read_index
+from pipeline.synthetic import generate
+
+
+@dataclass(frozen=True)
+class BenchIngestConfig:
+    """Training ingest throughput: Ray Data over Parquet vs a DataLoader over JPEG files."""
+
+    images: int = opt(3000, "images generated (3/4 of them form the train split that is read)")
+    image_size: int = opt(224, "side of the augmented output images")
+    batch_size: int = opt(64, "batch size delivered to the training loop")
+    epochs: int = opt(3, "timed epochs per side, after one warm-up epoch")
+    warmup_batches: int = opt(8, "batches at the start of each timed epoch left out of the steady state")
+    rows_per_task: int = opt(ROWS_PER_TASK, "rows per Ray Data read+decode task")
+    num_workers: int = opt(2, "DataLoader worker processes")
+    prefetch_batches: int = opt(2, "iter_torch_batches prefetch_batches (DataLoader: prefetch_factor)")
+    max_side: int = opt(512, "longer side of the stored JPEGs (sources are 640x480)")
+    rows_per_shard: int = opt(1000, "rows per Parquet shard, as in the preprocess job")
+    num_cpus: int | None = opt(None, "logical CPUs for the local Ray (default: this machine's cores)")
+    workdir: str | None = opt(None, "where to generate and write (default: a temporary folder)")
+    seed: int = opt(0, "seed of the generated images")
+
+
+class JpegFiles(Dataset):
+    """One JPEG file per image, with the same decode and transform as the Ray Data map."""
+
+    def __init__(self, files: list[Path], labels: list, ignore: list, cfg: IngestConfig):
+        self.files, self.labels, self.ignore, self.cfg = files, labels, ignore, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        path = self.files[i]
+        (image,) = decode_images([path.read_bytes()], [path.stem])
+        targets, mask = multi_hot([self.labels[i]], [self.ignore[i]], self.cfg.num_classes, [path.stem])
+        return {
+            "image": make_transform(self.cfg)(image),
+            "targets": torch.from_numpy(targets[0]),
+            "ignore_mask": torch.from_numpy(mask[0]),
+        }
+
+
+def write_jpeg_files(uri: str, split: str, out: Path) -> tuple[list[Path], list, list]:
+    """Write the stored JPEG bytes of ``split`` as files; return them with their labels."""
+    out.mkdir(parents=True, exist_ok=True)
+    files, labels, ignore = [], [], []
+    for shard in load_manifest(uri).files(split):
+        table = pq.read_table(shard, columns=["image_id", "image", "labels", "ignore"])
+        for row in table.to_pylist():
+            path = out / f"{row['image_id']}.jpg"
+            path.write_bytes(row["image"])
+            files.append(path)
+            labels.append(row["labels"])
+            ignore.append(row["ignore"])
+    return files, labels, ignore
+
+
+@dataclass
+class Timing:
+    """What one side measured over its timed epochs."""
+
+    images: int = 0  # per epoch
+    epoch_s: list[float] = field(default_factory=list)
+    first_batch_s: list[float] = field(default_factory=list)  # from asking for the epoch to its first batch
+    steady_images: int = 0  # after the warm-up batches of each epoch, summed over epochs
+    steady_s: float = 0.0
+    warmup_epoch_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images * len(self.epoch_s) / sum(self.epoch_s)
+
+    @property
+    def steady_images_per_s(self) -> float:
+        return self.steady_images / self.steady_s
+
+
+def time_epoch(make_iter, timing: Timing, label: str, warmup_batches: int, warmup_epoch: bool) -> None:
+    """Run one epoch and add it to ``timing``; steady state leaves out the epoch's first batches."""
+    start = time.perf_counter()
+    count, first, steady_start, steady_count = 0, 0.0, None, 0
+    for i, batch in enumerate(make_iter()):
+        assert batch["image"].dtype == torch.uint8
+        count += len(batch["image"])
+        if i == 0:
+            first = time.perf_counter() - start
+        if i == warmup_batches - 1:
+            steady_start, steady_count = time.perf_counter(), count
+    seconds = time.perf_counter() - start
+    print(
+        f"  {label}: {count} images in {seconds:.2f} s ({count / seconds:.1f} images/s), "
+        f"first batch after {first:.2f} s",
+        flush=True,
+    )
+    if warmup_epoch:
+        timing.warmup_epoch_s = seconds
+        return
+    if steady_start is None:
+        raise ValueError(f"an epoch of {count} images has no more than --warmup-batches {warmup_batches}")
+    timing.images = count
+    timing.epoch_s.append(seconds)
+    timing.first_batch_s.append(first)
+    timing.steady_images += count - steady_count
+    timing.steady_s += start + seconds - steady_start
+
+
+def operator_tasks(stats: str) -> dict[str, int]:
+    """Tasks executed per operator, from ``ds.stats()`` (the last execution)."""
+    found = re.findall(r"Operator \d+ (.+?): (\d+) tasks executed", stats)
+    return {name: int(n) for name, n in found}
+
+
+def run(config: BenchIngestConfig) -> dict:
+    import ray
+
+    work = Path(config.workdir or tempfile.mkdtemp(prefix="mltr-bench-ingest-"))
+    cpus = config.num_cpus or os.cpu_count() or 1
+    root = work / f"src-{config.images}-{config.seed}"
+    if not (root / "annotations").is_dir():
+        print(f"generating {config.images} 640x480 JPEGs in {root} ...", flush=True)
+        generate("coco", root, config.images, seed=config.seed, size=(640, 480), noise=12.0)
+    out = work / f"converted-{config.images}-{config.seed}-{config.max_side}-{config.rows_per_shard}"
+    uri = str(out / "coco")
+    if not (out / "coco" / "_manifest.json").exists():
+        print(f"converting to Parquet shards in {out} ...", flush=True)
+        init_ray(num_cpus=cpus, log_to_driver=False)
+        settings = ImageSettings(max_side=config.max_side)
+        convert(read_index("coco", str(root)), str(out), settings, config.rows_per_shard)
+        ray.shutdown()
+    manifest = load_manifest(uri)
+    files, labels, ignore = write_jpeg_files(uri, "train", work / f"jpeg-{out.name}")
+    cfg = IngestConfig(num_classes=manifest.num_classes, image_size=config.image_size, train=True)
+
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    init_ray(num_cpus=cpus, log_to_driver=False)
+    ray_init_s = time.perf_counter() - start
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = build_dataset(uri, "train", cfg, rows_per_task=config.rows_per_task)
+    loader = DataLoader(
+        JpegFiles(files, labels, ignore, cfg),
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+        prefetch_factor=config.prefetch_batches if config.num_workers > 0 else None,
+    )
+    baseline, ray_data = Timing(), Timing()
+    sides = [
+        (
+            f"DataLoader(num_workers={config.num_workers}) over {len(files)} JPEG files",
+            loader.__iter__,
+            baseline,
+        ),
+        (
+            f"Ray Data over {len(manifest.files('train'))} Parquet shards, {cpus} CPUs",
+            partial(
+                ds.iter_torch_batches, batch_size=config.batch_size, prefetch_batches=config.prefetch_batches
+            ),
+            ray_data,
+        ),
+    ]
+    for epoch in range(config.epochs + 1):
+        for name, make_iter, timing in sides:
+            label = f"{name}, " + ("warm-up epoch" if epoch == 0 else f"epoch {epoch}")
+            time_epoch(make_iter, timing, label, config.warmup_batches, warmup_epoch=epoch == 0)
+    stats = ds.stats()
+    ray.shutdown()
+    if not baseline.images == ray_data.images == len(files):
+        raise RuntimeError(
+            f"epochs differ: {baseline.images} vs {ray_data.images} images, {len(files)} files"
+        )
+
+    ratio = ray_data.steady_images_per_s / baseline.steady_images_per_s
+    ratio_epochs = ray_data.images_per_s / baseline.images_per_s
+    result = {
+        "bench": "ingest",
+        "images": ray_data.images,
+        "cpus": cpus,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "shards": len(manifest.files("train")),
+        "dataloader_images_per_s": round(baseline.steady_images_per_s, 1),
+        "ray_images_per_s": round(ray_data.steady_images_per_s, 1),
+        "ratio": round(ratio, 3),
+        "dataloader_epoch_images_per_s": round(baseline.images_per_s, 1),
+        "ray_epoch_images_per_s": round(ray_data.images_per_s, 1),
+        "ratio_epochs": round(ratio_epochs, 3),
+        "dataloader_epoch_s": [round(s, 3) for s in baseline.epoch_s],
+        "ray_epoch_s": [round(s, 3) for s in ray_data.epoch_s],
+        "dataloader_first_batch_s": [round(s, 3) for s in baseline.first_batch_s],
+        "ray_first_batch_s": [round(s, 3) for s in ray_data.first_batch_s],
+        "dataloader_warmup_epoch_s": round(baseline.warmup_epoch_s, 2),
+        "ray_warmup_epoch_s": round(ray_data.warmup_epoch_s, 2),
+        "ray_init_s": round(ray_init_s, 2),
+        "ray_tasks": operator_tasks(stats),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "config": to_dict(config),
+    }
+    print(f"\n{stats}\n", flush=True)
+    print(
+        f"steady state (after {config.warmup_batches} batches of each epoch):\n"
+        f"  DataLoader ({config.num_workers} workers): {baseline.steady_images_per_s:8.1f} images/s\n"
+        f"  Ray Data pipeline       : {ray_data.steady_images_per_s:8.1f} images/s   ratio {ratio:.2f}x\n"
+        f"whole epochs (with each epoch's start):\n"
+        f"  DataLoader ({config.num_workers} workers): {baseline.images_per_s:8.1f} images/s\n"
+        f"  Ray Data pipeline       : {ray_data.images_per_s:8.1f} images/s   ratio {ratio_epochs:.2f}x\n"
+        f"Ray start-up: {ray_init_s:.2f} s (in none of the figures above)\n",
+        flush=True,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(BenchIngestConfig, argv, prog="python -m jobs.bench ingest")
+    print(json.dumps(run(config)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
