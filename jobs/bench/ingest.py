@@ -74,7 +74,9 @@ class BenchIngestConfig:
     max_side: int = opt(512, "longer side of the stored JPEGs (sources are 640x480)")
     rows_per_shard: int = opt(1000, "rows per Parquet shard, as in the preprocess job")
     num_cpus: int | None = opt(None, "logical CPUs for the local Ray (default: this machine's cores)")
-    workdir: str | None = opt(None, "where to generate and write (default: a temporary folder)")
+    workdir: str | None = opt(
+        None, "where to generate and write, kept for re-runs (default: a temporary folder)"
+    )
     seed: int = opt(0, "seed of the generated images")
 
 
@@ -169,9 +171,16 @@ def operator_tasks(stats: str) -> dict[str, int]:
 
 
 def run(config: BenchIngestConfig) -> dict:
+    """Run the benchmark in ``--workdir`` (kept), or in a temporary folder removed afterwards."""
+    if config.workdir:
+        return run_in(config, Path(config.workdir))
+    with tempfile.TemporaryDirectory(prefix="mltr-bench-ingest-") as work:
+        return run_in(config, Path(work))
+
+
+def run_in(config: BenchIngestConfig, work: Path) -> dict:
     import ray
 
-    work = Path(config.workdir or tempfile.mkdtemp(prefix="mltr-bench-ingest-"))
     cpus = config.num_cpus or os.cpu_count() or 1
     root = work / f"src-{config.images}-{config.seed}"
     if not (root / "annotations").is_dir():
