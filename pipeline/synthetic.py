@@ -59,7 +59,6 @@ COCO_CATEGORIES = (
 )  # fmt: skip
 
 SHAPES = ("ellipse", "square", "triangle", "diamond", "cross", "ring", "bars", "star")
-N_HUES = 11  # 8 shapes x 11 hues: a unique look for up to 88 classes
 
 # Faults and the outcome a correct converter reaches for each: a reject reason, or a row.
 FAULT_OUTCOMES = {
@@ -126,10 +125,15 @@ class Truth:
 # --- drawing ---------------------------------------------------------------------------------------
 
 
-def class_look(index: int) -> tuple[str, tuple[int, int, int]]:
-    """The (shape, RGB colour) that draws class ``index``: distinct for every class below 88."""
+def class_look(index: int, num_classes: int) -> tuple[str, tuple[int, int, int]]:
+    """The (shape, RGB colour) that draws class ``index`` of ``num_classes``: distinct for every class.
+
+    Hues are spread over the whole colour circle, as few as the classes need (3 for VOC's 20),
+    so neighbouring classes differ as much as they can.
+    """
+    hues = -(-num_classes // len(SHAPES))
     shape = SHAPES[index % len(SHAPES)]
-    hue = (index // len(SHAPES)) % N_HUES / N_HUES
+    hue = (index // len(SHAPES)) / hues
     return shape, _hsv_to_rgb(hue, 0.9, 0.95)
 
 
@@ -174,7 +178,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 def draw_scene(
-    rng: random.Random, width: int, height: int, objects: list[tuple[int, float]], noise: float = 6.0
+    rng: random.Random,
+    width: int,
+    height: int,
+    objects: list[tuple[int, float]],
+    num_classes: int,
+    noise: float = 6.0,
 ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
     """Draw ``objects`` ((class index, relative size) pairs) on a muted gradient; returns the image and boxes."""
     top = np.array([rng.randint(70, 190) for _ in range(3)], dtype=np.float32)
@@ -193,7 +202,7 @@ def draw_scene(
         x0 = rng.randint(0, max(0, width - side))
         y0 = rng.randint(0, max(0, height - side))
         box = (x0, y0, x0 + side, y0 + side)
-        shape, color = class_look(cls)
+        shape, color = class_look(cls, num_classes)
         _draw_shape(draw, shape, box, color)
         boxes.append(box)
     return img, boxes
@@ -280,7 +289,7 @@ def _draw_all(
         # VOC: some objects are 'difficult'; never all of an image's first object, so most images keep a label.
         difficult = [fmt == "voc" and k > 0 and rng.random() < 0.2 for k in range(len(objects))]
         image_id, rel_file = file_for(i, split, rng)
-        img, boxes = draw_scene(rng, width, height, objects, noise=noise)
+        img, boxes = draw_scene(rng, width, height, objects, num_classes, noise=noise)
         if fault != "missing":
             path = out / rel_file
             path.parent.mkdir(parents=True, exist_ok=True)
