@@ -107,15 +107,27 @@ def log_final_model(client, run_id: str, checkpoint_dir: Path, classes: list[str
         "evaluation/per_class_ap.csv",
     )
     recall, precision = state["pr_curve"]
-    tracking.log_pr_plot(client, run_id, {f"epoch {state['best']['epoch']} ({state['weights']})": (recall, precision)}, "evaluation/precision_recall.png")
-    tracking.log_json(client, run_id, {"classes": classes, "thresholds": thresholds}, "model_info/classes.json")
+    tracking.log_pr_plot(
+        client,
+        run_id,
+        {f"epoch {state['best']['epoch']} ({state['weights']})": (recall, precision)},
+        "evaluation/precision_recall.png",
+    )
+    tracking.log_json(
+        client, run_id, {"classes": classes, "thresholds": thresholds}, "model_info/classes.json"
+    )
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name="model",
             signature=infer_signature(example, output),
             input_example=example,
-            metadata={"classes": classes, "thresholds": thresholds, "image_size": image_size, "weights": state["weights"]},
+            metadata={
+                "classes": classes,
+                "thresholds": thresholds,
+                "image_size": image_size,
+                "weights": state["weights"],
+            },
         )
     return {"model_uri": info.model_uri, "weights": state["weights"], "best_epoch": state["best"]["epoch"]}
 
@@ -129,7 +141,9 @@ def run(config: TrainConfig) -> dict:
         manifest.rows(split)  # names the missing split
     model_cfg = model_config(config, manifest.num_classes)
     workdir = Path(config.workdir).resolve()
-    local_cpus = max(os.cpu_count() or 1, math.ceil(config.num_workers * config.cpus_per_worker + DATA_CPUS + 1))
+    local_cpus = max(
+        os.cpu_count() or 1, math.ceil(config.num_workers * config.cpus_per_worker + DATA_CPUS + 1)
+    )
     init_ray(config.address, num_cpus=local_cpus)
     check_resources(config)
 
@@ -166,6 +180,8 @@ def run(config: TrainConfig) -> dict:
                 image_size=model_cfg.image_size,
                 train=True,
                 randaugment=config.randaugment,
+                crop_scale=(config.crop_min_scale, 1.0),
+                erase_p=config.cutout_p,
             ),
         ),
         "val": build_dataset(

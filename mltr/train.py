@@ -55,23 +55,31 @@ class TrainConfig:
     loss: Literal["asl", "bce", "focal"] = _help("multi-label loss", "asl")
     epochs: int = _help("training epochs", 10)
     batch_size: int = _help("images per worker per step", 32)
-    lr: float = _help("peak learning rate of the OneCycle schedule (AdamW)", 1e-3)
+    lr: float = _help("peak learning rate of the OneCycle schedule (AdamW)", 2e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to norms, biases, position tables)", 0.05)
     grad_clip: float = _help("clip the gradient norm to this (0 disables)", 1.0)
     accumulate: int = _help("gradient accumulation steps per optimiser step", 1)
     ema_decay: float = _help("decay of the EMA of the weights", 0.998)
     drop_path_rate: float | None = _help("stochastic depth (default: the variant's)", None)
     randaugment: bool = _help("RandAugment in the training transforms", True)
+    crop_min_scale: float = _help("smallest image area a random crop keeps (1.0: no cropping)", 0.5)
+    cutout_p: float = _help("probability of a cutout rectangle (random erasing) per image", 0.5)
     shuffle_buffer: int = _help("rows in each worker's local shuffle buffer", 256)
     num_workers: int = _help("Ray Train workers (DDP processes)", 2)
     use_gpu: bool = _help("one GPU per worker", False)
     cpus_per_worker: float = _help("CPUs each Train worker reserves; the rest feed Ray Data", 1.0)
     workdir: str = _help("local folder for the embedded defaults (Ray results, MLflow SQLite store)", "work")
-    storage: str | None = _help("checkpoints and Ray results: a folder or s3://bucket/prefix (default: <workdir>/ray_results)", None)
-    name: str | None = _help("run name; the same name again resumes it (default: <dataset>-<model>-<time>)", None)
+    storage: str | None = _help(
+        "checkpoints and Ray results: a folder or s3://bucket/prefix (default: <workdir>/ray_results)", None
+    )
+    name: str | None = _help(
+        "run name; the same name again resumes it (default: <dataset>-<model>-<time>)", None
+    )
     max_failures: int = _help("worker failures survived by restarting from the last checkpoint", 0)
     init_from: str | None = _help("start from a Swin (Microsoft or timm layout) or MlTr checkpoint", None)
-    mlflow_uri: str | None = _help("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in workdir)", None)
+    mlflow_uri: str | None = _help(
+        "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in workdir)", None
+    )
     experiment: str = _help("MLflow experiment", "mltr")
     seed: int = _help("random seed", 0)
     address: str | None = _help("Ray address (default: RAY_ADDRESS, else a local Ray)", None)
@@ -165,7 +173,9 @@ def micro_pr_curve(logits: torch.Tensor, targets: torch.Tensor, ignore: torch.Te
     return recall[::step].tolist(), precision[::step].tolist()
 
 
-def label_frequency_baseline(train_targets: np.ndarray, val_targets: np.ndarray, val_ignore: np.ndarray) -> float:
+def label_frequency_baseline(
+    train_targets: np.ndarray, val_targets: np.ndarray, val_ignore: np.ndarray
+) -> float:
     """mAP of scoring every validation image with the classes' training frequencies (a model that sees nothing)."""
     from mltr.metrics import mean_average_precision
 
@@ -212,7 +222,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.init_from:
         missing, unexpected = load_pretrained(model, cfg.init_from)
         if rank == 0:
-            log.info("init from %s: %d missing, %d unexpected keys", cfg.init_from, len(missing), len(unexpected))
+            log.info(
+                "init from %s: %d missing, %d unexpected keys", cfg.init_from, len(missing), len(unexpected)
+            )
     model = ray.train.torch.prepare_model(model)
     ema = make_ema(model, cfg.ema_decay).to(device)
     criterion = build_loss(cfg.loss)
