@@ -8,13 +8,16 @@ cross-window attention removed (``cross_window=False``, i.e. Swin in MlTr's code
 Swin of the same layout (``pretrained=False``) as an outside reference. The networks take turns
 step by step (the order rotating every round), so load from other processes on the machine hits
 all of them alike; after ``--warmup`` untimed rounds the median of ``--steps`` timed rounds is
-reported. Ends with one JSON line holding every figure, ``ratio`` (MlTr over ablation, training
-step), ``ratio_infer`` and the ratios over timm.
+reported, and next to it the best (fastest) round, which on a shared machine is the one least
+disturbed by other processes; the load average before and after is recorded. Ends with one JSON
+line holding every figure, ``ratio`` (MlTr over ablation, training step, medians),
+``ratio_infer``, their ``*_best`` counterparts and the ratios over timm.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -50,6 +53,9 @@ class BenchModelConfig:
     warmup: int = opt(2, "untimed rounds before timing")
     steps: int = opt(5, "timed rounds; the median is reported")
     timm: bool = opt(True, "also time timm's Swin of the same layout (needs timm)")
+    # On a machine shared with other busy processes, one thread per core makes OpenMP threads wait on each
+    # other (steps 10-30x slower and erratic); --threads 1 measures the networks rather than the contention.
+    threads: int | None = opt(None, "torch intra-op threads (default: torch's default, one per core)")
     seed: int = opt(0, "seed of weights and data")
 
 
@@ -67,8 +73,8 @@ def _timm_reference(config: BenchModelConfig, image_size: int, window_size: int)
     )
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn, the order rotating every round."""
+def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of every timed call of each function, calling them in turn, the order rotating every round."""
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
@@ -77,7 +83,7 @@ def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, rounds: int)
             steps[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def _train_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
@@ -112,6 +118,8 @@ def _gflops_per_image(model: torch.nn.Module, images: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(BenchModelConfig, argv, prog="python -m jobs.bench model")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     overrides = {"num_classes": config.num_classes}
     if config.image_size is not None:
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:9s} {params[name] / 1e6:7.2f} M parameters, {gflops[name]:6.2f} GFLOP per image (forward)"
         )
 
+    load_before = os.getloadavg()[0]
     train = _interleaved(
         {name: _train_step(m, images, targets) for name, m in models.items()}, config.warmup, config.steps
     )
@@ -162,26 +171,44 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "params_m": {name: round(n / 1e6, 3) for name, n in params.items()},
         "gflops_per_image": {name: round(g, 3) for name, g in gflops.items()},
     }
-    for name in models:
-        result[f"{name}_train_images_per_s"] = round(config.batch_size / train[name], 3)
-        result[f"{name}_infer_images_per_s"] = round(config.batch_size / infer[name], 3)
-        print(
-            f"  {name:9s} train {config.batch_size / train[name]:7.2f} images/s   "
-            f"inference {config.batch_size / infer[name]:7.2f} images/s"
-        )
-    result["ratio"] = round(train["ablation"] / train["mltr"], 3)
-    result["ratio_infer"] = round(infer["ablation"] / infer["mltr"], 3)
-    print(f"MlTr / ablation: training {result['ratio']:.3f}x, inference {result['ratio_infer']:.3f}x")
+    # images/s per network, phase and statistic; suffix "" for medians and "_best" for the fastest round.
+    rates = {
+        (name, phase, suffix): config.batch_size / stat(times[name])
+        for phase, times in (("train", train), ("infer", infer))
+        for name in models
+        for suffix, stat in (("", statistics.median), ("_best", min))
+    }
+    for (name, phase, suffix), rate in rates.items():
+        result[f"{name}_{phase}_images_per_s{suffix}"] = round(rate, 3)
+    pairs = [("ratio", "mltr", "ablation")]
     if "timm" in models:
-        result["vs_timm_train"] = round(train["timm"] / train["mltr"], 3)
-        result["vs_timm_infer"] = round(infer["timm"] / infer["mltr"], 3)
-        result["ablation_vs_timm_train"] = round(train["timm"] / train["ablation"], 3)
-        result["ablation_vs_timm_infer"] = round(infer["timm"] / infer["ablation"], 3)
+        pairs += [("vs_timm", "mltr", "timm"), ("ablation_vs_timm", "ablation", "timm")]
+    for key, top, bottom in pairs:
+        for phase, tag in (("train", ""), ("infer", "_infer")):
+            if key != "ratio":
+                tag = f"_{phase}"
+            for suffix in ("", "_best"):
+                ratio = rates[(top, phase, suffix)] / rates[(bottom, phase, suffix)]
+                result[f"{key}{tag}{suffix}"] = round(ratio, 3)
+    print("images/s (median | best round):")
+    for name in models:
         print(
-            f"MlTr / timm Swin: training {result['vs_timm_train']:.3f}x, inference {result['vs_timm_infer']:.3f}x"
+            f"  {name:9s} train {rates[(name, 'train', '')]:7.2f} | {rates[(name, 'train', '_best')]:7.2f}   "
+            f"inference {rates[(name, 'infer', '')]:7.2f} | {rates[(name, 'infer', '_best')]:7.2f}"
         )
+    print(
+        f"MlTr / ablation: training {result['ratio']:.3f}x | {result['ratio_best']:.3f}x, "
+        f"inference {result['ratio_infer']:.3f}x | {result['ratio_infer_best']:.3f}x"
+    )
+    if "timm" in models:
+        print(
+            f"MlTr / timm Swin: training {result['vs_timm_train']:.3f}x | {result['vs_timm_train_best']:.3f}x, "
+            f"inference {result['vs_timm_infer']:.3f}x | {result['vs_timm_infer_best']:.3f}x"
+        )
+    print(f"load average (1 min) before and after: {result['loadavg_1min']}")
     print(json.dumps(result))
     return 0

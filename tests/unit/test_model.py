@@ -10,6 +10,7 @@ import torch
 from mltr import MlTrConfig, create_model, list_models
 from mltr.model import (
     MASK_VALUE,
+    DropPath,
     MlTrBlock,
     fitting_image_sizes,
     fitting_window_sizes,
@@ -28,7 +29,7 @@ PAPER_PARAMS_M = {"mltr_s": 33.0, "mltr_m": 62.0, "mltr_l": 108.0}
 # Small enough to run forward+backward of every variant on a 2-core CPU in a few seconds.
 GRAD_OVERRIDES = {
     "mltr_tiny": {},
-    "mltr_s": {},  # 224 px, window 7: the real windows and shift masks
+    "mltr_s": {"image_size": 128, "window_size": 4},  # 224 px / window 7 runs forward in test_checkpoint
     "mltr_m": {"image_size": 64, "window_size": 2},
     "mltr_l": {"image_size": 64, "window_size": 2},
     "mltr_xl": {"image_size": 64, "window_size": 2},
@@ -196,3 +197,14 @@ def test_create_model_overrides_and_errors():
         create_model("swin_t")
     with pytest.raises(ValueError, match="expected images of shape"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    drop = DropPath(0.5)
+    x = torch.ones(64, 3, 4)
+    assert drop.eval()(x) is x
+    torch.manual_seed(0)
+    y = drop.train()(x)
+    per_sample = y.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # kept samples are scaled by 1/keep
+    assert 0 < (per_sample[:, 0] == 0).sum() < 64
