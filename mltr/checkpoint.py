@@ -74,7 +74,7 @@ def _read(path: PathLike) -> Mapping[str, Any]:
 
 
 def save_checkpoint(model: MlTr, path: PathLike, extra: Mapping[str, Any] | None = None) -> None:
-    """Write ``model``'s config and weights (and any ``extra`` tensors/primitives, e.g. thresholds) to ``path``."""
+    """Write ``model``'s config and weights, and ``extra`` tensors or primitives, to ``path``."""
     payload = {
         "format": FORMAT,
         "version": VERSION,

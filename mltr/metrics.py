@@ -35,7 +35,7 @@ def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
 def _prepare(
     scores: Any, targets: Any, ignore: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scores, positive, valid): scores as given (float), and bool masks of positives and non-ignored entries."""
+    """(scores, positive, valid): float scores, and bool masks of positives and of non-ignored entries."""
     scores = _as_tensor(scores)
     if not scores.is_floating_point():
         scores = scores.double()
@@ -72,7 +72,8 @@ def _ranked_counts(
 
 def average_precision(scores: Any, targets: Any, ignore: Any = None) -> np.ndarray:
     """Per-class AP (K,), float64, without interpolation (scikit-learn's ``average_precision_score``):
-    the sum over distinct score thresholds of (recall increase) x precision. NaN for classes without positives."""
+    the sum over distinct score thresholds of recall increase x precision; NaN for classes without positives.
+    """
     scores, positive, valid = _prepare(scores, targets, ignore)
     out = []
     for start in range(0, scores.shape[1], _CLASS_CHUNK):
@@ -103,7 +104,7 @@ def apply_thresholds(logits: Any, thresholds: Any = 0.5) -> torch.Tensor:
 
 
 def top_k_predictions(logits: Any, k: int = 3, ignore: Any = None) -> torch.Tensor:
-    """Bool predictions marking each image's ``k`` highest-scoring classes; ignored classes are never chosen."""
+    """Bool predictions of each image's ``k`` highest-scoring classes; ignored classes are never chosen."""
     logits = _as_tensor(logits, torch.float64)
     if ignore is not None:
         logits = logits.masked_fill(_as_tensor(ignore) != 0, float("-inf"))
@@ -159,7 +160,7 @@ def best_f1_thresholds(logits: Any, targets: Any, ignore: Any = None, default: f
 
 @dataclasses.dataclass(frozen=True)
 class MetricResult:
-    """Everything :meth:`MetricAccumulator.compute` measures; :meth:`as_dict` flattens the scalars for logging."""
+    """What :meth:`MetricAccumulator.compute` measures; :meth:`as_dict` flattens the scalars for logging."""
 
     mAP: float
     per_class_ap: np.ndarray
@@ -223,7 +224,7 @@ class MetricAccumulator:
         return self._logits[0], self._targets[0], self._ignore[0]
 
     def gather(self) -> MetricAccumulator:
-        """A new accumulator holding every worker's rows (rank order), on every rank; ``self`` if not distributed.
+        """A new accumulator with all workers' rows (rank order), on every rank; ``self`` if not distributed.
 
         Uses ``all_gather`` with padding to the largest worker (tensors on the current CUDA device
         for NCCL, on the CPU otherwise). Every rank must call it. A sampler that pads the dataset
@@ -262,7 +263,7 @@ class MetricAccumulator:
         return out
 
     def compute(self, threshold: float | Sequence[float] | np.ndarray = 0.5, k: int = 3) -> MetricResult:
-        """mAP and per-class AP; CP..OF1 at ``threshold`` (one, or one per class) and for the top-``k`` classes."""
+        """mAP, per-class AP, and CP..OF1 at ``threshold`` (one, or one per class) and for the top ``k``."""
         logits, targets, ignore = self._concat()
         mean_ap, per_class = mean_average_precision(logits, targets, ignore)
         return MetricResult(

@@ -110,7 +110,7 @@ def window_fits(resolutions: tuple[int, ...], window_size: int) -> bool:
 
 
 def fitting_window_sizes(image_size: int, patch_size: int, num_stages: int) -> list[int]:
-    """Window sizes that fit every stage of this image size (any size above the first stage's grid fits too)."""
+    """Window sizes that fit every stage of this image size (and any size above the first stage's grid)."""
     resolutions = stage_resolutions(image_size, patch_size, num_stages)
     return [w for w in range(1, resolutions[0] + 1) if window_fits(resolutions, w)]
 
@@ -170,19 +170,20 @@ class MlTrConfig:
         if self.image_size < step or self.image_size % step:
             lower = max(step, self.image_size // step * step)
             raise ValueError(
-                f"image_size={self.image_size} must be a multiple of patch_size * 2**(num_stages - 1) = {step} "
-                f"(each of the {num_stages - 1} patch mergings halves the grid); nearest: {lower}, {lower + step}"
+                f"image_size={self.image_size} must be a multiple of patch_size * 2**(num_stages - 1) = "
+                f"{step} (each of the {num_stages - 1} patch mergings halves the grid); "
+                f"nearest: {lower}, {lower + step}"
             )
         resolutions = stage_resolutions(self.image_size, self.patch_size, num_stages)
         if not window_fits(resolutions, self.window_size):
             windows = fitting_window_sizes(self.image_size, self.patch_size, num_stages)
             images = fitting_image_sizes(self.window_size, self.patch_size, num_stages, near=self.image_size)
             raise ValueError(
-                f"window_size={self.window_size} does not fit image_size={self.image_size}: the stage grids are "
-                f"{resolutions} and a window must divide every grid larger than itself (a grid not larger than "
-                f"the window is one window). Window sizes that fit image_size {self.image_size}: "
-                f"{', '.join(map(str, windows))} (or larger); image sizes that fit window_size {self.window_size}: "
-                f"{', '.join(map(str, images)) or 'none near this size'}"
+                f"window_size={self.window_size} does not fit image_size={self.image_size}: the stage grids "
+                f"are {resolutions} and a window must divide every grid larger than itself (a grid not "
+                f"larger than the window is one window). Window sizes that fit image_size "
+                f"{self.image_size}: {', '.join(map(str, windows))} (or larger); image sizes that fit "
+                f"window_size {self.window_size}: {', '.join(map(str, images)) or 'none near this size'}"
             )
 
     @property
@@ -271,15 +272,19 @@ class CrossWindowAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        """x: (B*nW, N, C) tokens of windows; summaries: (B, nW', C). Returns (B*nW, N, nH, hd)."""
+        """x: (B*nW, N, C) tokens, one image's windows together; summaries: (B, nW, C) -> (B*nW, N, nH, hd).
+
+        Which window a token sits in does not matter here, so the (possibly shifted) windows of the
+        in-window attention serve as they are: each image's B*nW rows are one sequence of nW*N queries.
+        """
         B_, N, C = x.shape
-        B = summaries.shape[0]
-        q = self.q(x).view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # B, nH, nW*N, hd
-        kv = self.kv(summaries).view(B, -1, 2, C)  # B, nW', 2, C
-        k = kv[:, :, 0].view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # B, nH, nW', hd
-        v = (kv[:, :, 1] * self.gate).view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)
+        B, hd = summaries.shape[0], C // self.num_heads
+        q = self.q(x).view(B, -1, self.num_heads, hd).transpose(1, 2)  # B, nH, nW*N, hd
+        k, v = self.kv(summaries).view(B, -1, 2, C).unbind(2)  # B, nW, C each
+        k = k.view(B, -1, self.num_heads, hd).transpose(1, 2)  # B, nH, nW, hd
+        v = (v * self.gate).view(B, -1, self.num_heads, hd).transpose(1, 2)  # B, nH, nW, hd
         out = F.scaled_dot_product_attention(q, k, v)  # B, nH, nW*N, hd
-        return out.transpose(1, 2).reshape(B_, N, self.num_heads, C // self.num_heads)  # B*nW, N, nH, hd
+        return out.transpose(1, 2).reshape(B_, N, self.num_heads, hd)  # B*nW, N, nH, hd
 
 
 class WindowAttention(nn.Module):
@@ -304,7 +309,7 @@ class WindowAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, summaries: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x: (B*nW, N, C) windows; mask: (nW, N, N) or None; summaries: (B, nW', C) for the cross-window part."""
+        """x: (B*nW, N, C) windows; mask: (nW, N, N) or None; summaries: (B, nW, C) for the cross part."""
         B_, N, C = x.shape
         qkv = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, nH, hd
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B*nW, nH, N, hd each
@@ -653,7 +658,7 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides: Any) -> MlTr:
-    """Build a named variant; any :class:`MlTrConfig` field can be overridden (``window_size=12``, ``head="query"``)."""
+    """Build a named variant; any :class:`MlTrConfig` field can be overridden (``window_size=12``, ...)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
     fields = {f.name for f in dataclasses.fields(MlTrConfig)}

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in models:
         print(
-            f"  {name:9s} {params[name] / 1e6:7.2f} M parameters, {gflops[name]:6.2f} GFLOP per image (forward)"
+            f"  {name:9s} {params[name] / 1e6:7.2f} M parameters, "
+            f"{gflops[name]:6.2f} GFLOP per image (forward)"
         )
 
     load_before = os.getloadavg()[0]
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "timm" in models:
         print(
-            f"MlTr / timm Swin: training {result['vs_timm_train']:.3f}x | {result['vs_timm_train_best']:.3f}x, "
+            f"MlTr / timm Swin: training {result['vs_timm_train']:.3f}x | "
+            f"{result['vs_timm_train_best']:.3f}x, "
             f"inference {result['vs_timm_infer']:.3f}x | {result['vs_timm_infer_best']:.3f}x"
         )
     print(f"load average (1 min) before and after: {result['loadavg_1min']}")

@@ -65,7 +65,7 @@ def peak_flops(device_name: str, override_tflops: float | None = None) -> float 
 
 
 def count_flops(step: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``step`` (forward, and backward if it runs one), as FlopCounterMode counts them."""
+    """FLOPs of one call of ``step`` (forward, and backward if it runs one), counted by FlopCounterMode."""
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(
                 f"  {label:22s} train {run['train_images_per_s']:8.1f} images/s (batch {run['train_batch']}, "
-                f"MFU {mfu['train']})   inference {run['infer_images_per_s']:8.1f} images/s (MFU {mfu['infer']})",
+                f"MFU {mfu['train']})   inference {run['infer_images_per_s']:8.1f} images/s "
+                f"(MFU {mfu['infer']})",
                 flush=True,
             )
     ratios = {}

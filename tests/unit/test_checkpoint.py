@@ -33,7 +33,7 @@ def timm_features(timm_swin, images):
 
 
 def microsoft_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict the official Swin code saves: patch merging at the end of stage i, ``head.*``, buffers."""
+    """The official Swin code's state dict: patch merging at the end of stage i, ``head.*``, buffers."""
     out = {}
     for key, value in timm_state.items():
         key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", key)

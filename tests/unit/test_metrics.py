@@ -68,7 +68,7 @@ def test_average_precision_is_rank_based():
 
 
 def sklearn_prf(pred, targets, ignore):
-    """CP/CR from sklearn's per-class scores over classes with positives; OP/OR over all non-ignored entries."""
+    """CP/CR: sklearn's per-class scores over classes with positives; OP/OR: over all non-ignored entries."""
     per_p, per_r = [], []
     for k in range(K):
         keep = ~ignore[:, k]

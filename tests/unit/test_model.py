@@ -55,9 +55,9 @@ def test_window_means_are_the_mean_of_each_window():
 @pytest.mark.parametrize("size,window,shift", [(8, 4, 2), (12, 4, 2), (9, 3, 1)])
 def test_shifted_window_mask_matches_brute_force(size, window, shift):
     mask = shifted_window_mask(size, size, window, shift)
-    # Brute force: after rolling by -shift, the token at (i, j) came from ((i+s) % H, (j+s) % W). Two tokens of a
-    # window may attend to each other iff no wrap-around separates them: their original offset equals their
-    # offset in the rolled map.
+    # Brute force: after rolling by -shift, the token at (i, j) came from ((i+s) % H, (j+s) % W). Two
+    # tokens of a window may attend to each other iff no wrap-around separates them: their offset in the
+    # original map equals their offset in the rolled map.
     windows_per_side = size // window
     expected = torch.zeros(windows_per_side**2, window * window, window * window, dtype=torch.bool)
     for w, (wi, wj) in enumerate(itertools.product(range(windows_per_side), repeat=2)):
