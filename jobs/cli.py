@@ -9,6 +9,7 @@ JOBS = {
     "make-synthetic": "jobs.make_synthetic",
     "preprocess": "jobs.preprocess",
     "bench": "jobs.bench.__main__",
+    "train": "jobs.train",
     "demo": "jobs.demo",
 }
 

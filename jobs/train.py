@@ -122,6 +122,9 @@ def log_final_model(client, run_id: str, checkpoint_dir: Path, classes: list[str
             name="model",
             signature=infer_signature(example, output),
             input_example=example,
+            # Pickle keeps the batch dimension free (pt2 export specialises it to the example's);
+            # loading needs the mltr package, which every stage that serves the model has.
+            serialization_format="pickle",
             metadata={
                 "classes": classes,
                 "thresholds": thresholds,

@@ -43,11 +43,17 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
 
 
 def start_or_resume_run(
-    client: MlflowClient, experiment_id: str, train_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    client: MlflowClient,
+    experiment_id: str,
+    train_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
 ) -> tuple[str, bool]:
     """The run tagged with ``train_name`` in the experiment, or a new one; returns (run_id, resumed)."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{train_name}'", order_by=["attributes.start_time DESC"]
+        [experiment_id],
+        filter_string=f"tags.`{NAME_TAG}` = '{train_name}'",
+        order_by=["attributes.start_time DESC"],
     )
     if runs:
         run_id = runs[0].info.run_id
@@ -114,7 +120,10 @@ def log_table(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], art
 
 
 def log_pr_plot(
-    client: MlflowClient, run_id: str, curves: Mapping[str, tuple[list[float], list[float]]], artifact_file: str
+    client: MlflowClient,
+    run_id: str,
+    curves: Mapping[str, tuple[list[float], list[float]]],
+    artifact_file: str,
 ) -> None:
     """Precision-recall curves (name -> (recall, precision)) as a PNG artifact."""
     import matplotlib
@@ -125,7 +134,9 @@ def log_pr_plot(
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     for name, (recall, precision) in curves.items():
         ax.plot(recall, precision, label=name)
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="validation precision-recall")
+    ax.set(
+        xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="validation precision-recall"
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"  # optimiser, scheduler, scaler, EMA, epoch, RNG, history
 MODEL_FILE = "model.pt"  # MlTr's own checkpoint format: mltr.load_model() rebuilds it
 EMA_FILE = "model_ema.pt"
+CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, TRAIN_STATE)
 
 
 def _help(text: str, default: Any) -> Any:
@@ -116,6 +117,11 @@ class LoopContext:
 # --- pieces of the loop, each testable on its own -----------------------------------------------
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weights, none on ``no_weight_decay()`` parameters."""
     module = unwrap(model)
@@ -160,6 +166,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def forward_backward(
+    model: nn.Module,
+    criterion: nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    accumulate: int,
+) -> float:
+    """One micro-batch: normalise the uint8 images on the device, forward, loss, backward; returns the loss."""
+    images = normalize(batch["image"].to(device, non_blocking=True))
+    with autocast(device):
+        logits = model(images)
+    loss = (
+        criterion(logits.float(), batch["targets"].to(device), batch["ignore_mask"].to(device)) / accumulate
+    )
+    loss.backward()
+    return loss.item() * accumulate
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.OneCycleLR | None,
+    ema: torch.optim.swa_utils.AveragedModel | None,
+    grad_clip: float,
+) -> None:
+    """Clip, step, advance the schedule (never past its end) and the EMA."""
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None and scheduler.last_epoch < scheduler.total_steps:
+        scheduler.step()
+    if ema is not None:
+        ema.update_parameters(unwrap(model))
+
+
 def micro_pr_curve(logits: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor, points: int = 200):
     """Micro-averaged precision-recall curve over all non-ignored entries, thinned to about ``points``."""
     keep = ~ignore.bool()
@@ -200,11 +242,6 @@ def evaluate(models: dict[str, nn.Module], batches, device: torch.device) -> dic
 
 
 # --- the loop -----------------------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -270,23 +307,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         for i, batch in enumerate(batches):
             wait += time.perf_counter() - fetch
-            images = normalize(batch["image"].to(device, non_blocking=True))
-            targets = batch["targets"].to(device)
-            ignore = batch["ignore_mask"].to(device)
-            with autocast(device):
-                logits = model(images)
-            loss = criterion(logits.float(), targets, ignore) / cfg.accumulate
-            loss.backward()
+            loss_sum += forward_backward(model, criterion, batch, device, cfg.accumulate)
             if (i + 1) % cfg.accumulate == 0:
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if scheduler.last_epoch < scheduler.total_steps:
-                    scheduler.step()
-                ema.update_parameters(unwrap(model))
-            loss_sum += loss.item() * cfg.accumulate
-            seen += images.shape[0]
+                optimizer_step(model, optimizer, scheduler, ema, cfg.grad_clip)
+            seen += batch["image"].shape[0]
             batches_done += 1
             fetch = time.perf_counter()
         train_seconds = time.perf_counter() - started
@@ -315,7 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report_checkpoint = None
             if rank == 0:
                 module = unwrap(model)
-                logits, targets, ignore = results[chosen_name]._concat()
+                logits, targets, ignore = results[chosen_name].tensors()
                 thresholds = best_f1_thresholds(logits, targets, ignore)
                 pr_curve = micro_pr_curve(logits, targets, ignore)
                 extra = {"epoch": epoch, "classes_metrics": metrics, "thresholds": thresholds.tolist()}

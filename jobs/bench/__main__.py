@@ -10,6 +10,7 @@ BENCHES = {
     "ingest": "jobs.bench.ingest",
     "model": "jobs.bench.model",
     "model-gpu": "jobs.bench.model_gpu",
+    "train-overhead": "jobs.bench.train_overhead",
 }
 
 
