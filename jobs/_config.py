@@ -109,10 +109,11 @@ def build_parser(
     return parser
 
 
-def _load_preset(spec: str) -> dict[str, Any]:
+def _load_preset(spec: str, job: str | None) -> dict[str, Any]:
     path = Path(spec)
     if not path.exists():
-        candidate = PRESETS_DIR / (spec if spec.endswith((".yaml", ".yml")) else f"{spec}.yaml")
+        folder = PRESETS_DIR / job if job else PRESETS_DIR
+        candidate = folder / (spec if spec.endswith((".yaml", ".yml")) else f"{spec}.yaml")
         if not candidate.exists():
             raise SystemExit(f"error: config preset {spec!r} not found (looked for {path} and {candidate})")
         path = candidate
@@ -122,15 +123,20 @@ def _load_preset(spec: str) -> dict[str, Any]:
     return data
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
-    """Parse ``argv`` into an instance of the dataclass ``cls``: defaults < ``--config`` preset < flags."""
+def parse_config(
+    cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None, job: str | None = None
+) -> T:
+    """Parse ``argv`` into an instance of the dataclass ``cls``: defaults < ``--config`` preset < flags.
+
+    ``--config NAME`` finds ``presets/<job>/NAME.yaml`` beside the jobs; a path works too.
+    """
     parser = build_parser(cls, prog=prog)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     preset = args.pop("config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     if preset:
-        for key, value in _load_preset(preset).items():
+        for key, value in _load_preset(preset, job).items():
             name = key.replace("-", "_")
             if name not in names:
                 parser.error(f"preset {preset!r}: unknown field {key!r} (known: {', '.join(sorted(names))})")

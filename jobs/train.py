@@ -1,7 +1,7 @@
 """Train MlTr on a converted dataset across a Ray cluster, tracked in MLflow.
 
     python -m jobs.train --data s3://bucket/datasets/coco --model mltr_s --num-workers 8 --use-gpu
-    python -m jobs.train --config coco --name coco-s-1      # presets: jobs/presets/<dataset>.yaml
+    python -m jobs.train --config coco --data s3://bucket/datasets/coco   # preset: jobs/presets/train/coco.yaml
 
 Ends with one JSON line: val_mAP, epochs, mlflow_run_id, checkpoint, ...
 """
@@ -245,7 +245,7 @@ def run(config: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    config = parse_config(TrainConfig, argv, prog="mltr train")
+    config = parse_config(TrainConfig, argv, prog="mltr train", job="train")
     return run_job("train", lambda: run(config))
 
 

@@ -101,3 +101,53 @@ def synthetic_root(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` process: SQLite backend, artifacts proxied into the S3-API server."""
+    import s3fs
+
+    bucket = "mlflow-artifacts"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir(bucket)
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    log = open(folder / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{bucket}/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(
+                    f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}"
+                ) from None
+            time.sleep(0.5)
+    yield {"uri": uri, "bucket": bucket}
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()

@@ -46,3 +46,12 @@ def test_bad_values_exit_with_usage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(Example, ["--config", str(preset)])
     assert "unknown field 'sise'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["coco", "voc", "nuswide"])
+def test_train_presets_parse_into_the_training_config(dataset):
+    from mltr.train import TrainConfig
+
+    config = parse_config(TrainConfig, ["--config", dataset, "--data", "/d", "--epochs", "3"], job="train")
+    assert config.data == "/d" and config.epochs == 3 and config.use_gpu
+    assert config.experiment == f"mltr-{dataset}"
