@@ -25,7 +25,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Connect to ``address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+    """Connect to ``address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray.
+
+    ``kwargs`` such as ``num_cpus`` size a local Ray only: an existing cluster has its own resources.
+    """
     import ray
 
     if ray.is_initialized():
@@ -33,6 +36,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         kwargs.setdefault("include_dashboard", False)
+    else:
+        for local_only in ("num_cpus", "num_gpus", "include_dashboard", "object_store_memory"):
+            kwargs.pop(local_only, None)
     ray.init(address=address, **kwargs)
 
 
