@@ -78,7 +78,7 @@ def plain_loop(config: BenchTrainOverheadConfig, batches) -> list[float]:
     return timed_steps(model, batches, config, torch.device("cpu"))
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     model = ray.train.torch.prepare_model(create_model(config.model, num_classes=config.num_classes).train())
     times = timed_steps(model, loop_config["batches"], config, ray.train.torch.get_device())
-    ray.train.report({"step_times": times, "torch_threads": torch.get_num_threads()})
+    return {"step_times": times, "torch_threads": torch.get_num_threads()}
 
 
 def run(config: BenchTrainOverheadConfig) -> dict:
@@ -117,7 +117,8 @@ def run(config: BenchTrainOverheadConfig) -> dict:
         ),
     )
     result = trainer.fit()
-    under_train = result.metrics["step_times"]
+    measured = result.return_value  # the training function's return value (rank 0)
+    under_train = measured["step_times"]
 
     plain_ms, train_ms = statistics.median(plain) * 1e3, statistics.median(under_train) * 1e3
     figures = {
@@ -126,7 +127,7 @@ def run(config: BenchTrainOverheadConfig) -> dict:
         "batch_size": config.batch_size,
         "steps": config.steps,
         "torch_threads_plain": threads,
-        "torch_threads_worker": result.metrics["torch_threads"],
+        "torch_threads_worker": measured["torch_threads"],
         "plain_step_ms_median": round(plain_ms, 2),
         "train_step_ms_median": round(train_ms, 2),
         "plain_step_ms_mean": round(statistics.mean(plain) * 1e3, 2),
