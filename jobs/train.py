@@ -233,6 +233,8 @@ def run(config: TrainConfig) -> dict:
         "val_ema_mAP_last": metrics.get("val_ema_mAP"),
         "label_frequency_baseline_mAP": baseline,
         "epochs": (metrics.get("epoch", -1) + 1),
+        "train_images_per_s_per_worker": metrics.get("train_images_per_s_per_worker"),
+        "data_wait_s": metrics.get("data_wait_s"),
         "best_epoch": final["best_epoch"],
         "weights": final["weights"],
         "mlflow_run_id": run_id,

@@ -11,6 +11,7 @@ BENCHES = {
     "model": "jobs.bench.model",
     "model-gpu": "jobs.bench.model_gpu",
     "train-overhead": "jobs.bench.train_overhead",
+    "train-gpu": "jobs.bench.train_gpu",
 }
 
 
