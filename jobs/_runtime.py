@@ -35,6 +35,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
+        # "local": always a new local instance, never a cluster some other process left running.
+        address = "local"
         kwargs.setdefault("include_dashboard", False)
     else:
         for local_only in ("num_cpus", "num_gpus", "include_dashboard", "object_store_memory"):

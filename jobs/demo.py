@@ -18,7 +18,7 @@ from pathlib import Path
 from jobs import preprocess
 from jobs import train as train_job
 from jobs._config import opt, parse_config
-from jobs._runtime import run_job, setup_logging
+from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.train import TrainConfig
 from pipeline.synthetic import generate
 
@@ -41,26 +41,26 @@ def run(config: DemoConfig) -> dict:
     source, datasets = work / "coco2014", work / "datasets"
     log.info("1/3 generating a %d-image COCO 2014 dataset (with faulty files) in %s", config.images, source)
     generate("coco", source, config.images, seed=config.seed, faults=True)
+    training = TrainConfig(
+        data=str(datasets / "coco"),
+        model="mltr_tiny",
+        epochs=config.epochs,
+        batch_size=16,
+        lr=5e-4,
+        randaugment=False,
+        crop_min_scale=1.0,
+        cutout_p=0.0,
+        num_workers=config.num_workers,
+        workdir=str(work),  # the run's name is <dataset>-<model>-<time>: each demo is a new MLflow run
+    )
+    # One local Ray for both stages, sized for the training one (Train workers plus Ray Data).
+    init_ray(num_cpus=train_job.local_cpus(training))
     log.info("2/3 converting it to Parquet with Ray Data into %s", datasets)
     converted = preprocess.run(
         preprocess.PreprocessConfig(dataset="coco", root=str(source), out=str(datasets), rows_per_shard=64)
     )
     log.info("3/3 training mltr_tiny with %d Ray Train workers", config.num_workers)
-    trained = train_job.run(
-        TrainConfig(
-            data=converted["uri"],
-            model="mltr_tiny",
-            epochs=config.epochs,
-            batch_size=16,
-            lr=5e-4,
-            randaugment=False,
-            crop_min_scale=1.0,
-            cutout_p=0.0,
-            num_workers=config.num_workers,
-            workdir=str(work),
-            name="demo",
-        )
-    )
+    trained = train_job.run(training)
     print(
         f"\nDataset   {converted['uri']}\n"
         f"          rows {converted['rows']}, rejects {converted['rejects']}, empty {converted['empty']}\n"

@@ -47,6 +47,11 @@ def model_config(config: TrainConfig, num_classes: int) -> MlTrConfig:
     return dataclasses.replace(VARIANTS[config.model], **config.model_overrides(num_classes))
 
 
+def local_cpus(config: TrainConfig) -> int:
+    """Logical CPUs for a local Ray: room for the Train workers and Ray Data even on a 2-core machine."""
+    return max(os.cpu_count() or 1, math.ceil(config.num_workers * config.cpus_per_worker + DATA_CPUS + 1))
+
+
 def check_resources(config: TrainConfig) -> None:
     """Fail fast when the cluster cannot place the workers (plus CPU for Ray Data)."""
     import ray
