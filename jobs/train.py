@@ -121,7 +121,7 @@ def log_final_model(client, run_id: str, checkpoint_dir: Path, classes: list[str
     tracking.log_json(
         client, run_id, {"classes": classes, "thresholds": thresholds}, "model_info/classes.json"
     )
-    with mlflow.start_run(run_id=run_id):
+    with tracking.tracking_uri(client.tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

@@ -9,11 +9,12 @@ replayed after a restart, never shows an epoch twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,29 @@ def _log_file(client: MlflowClient, run_id: str, path: Path, artifact_file: str)
 
 
 def set_tracking(uri: str) -> MlflowClient:
-    mlflow.set_tracking_uri(uri)
+    """A client for ``uri``. The process-wide tracking URI is left alone (see :func:`tracking_uri`)."""
     return MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at ``uri`` for a block, then restore.
+
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment, so leaving it
+    set would send every later run of the same process to this store.
+    """
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if previous_env else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            mlflow.set_tracking_uri(None)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(previous)
 
 
 def log_table(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:

@@ -31,9 +31,16 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def train_worker_pids() -> list[int]:
+def train_worker_pids(cluster: Cluster) -> list[int]:
+    """Ray Train worker processes of this cluster only: children of its nodes' raylets."""
+    raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
     out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
-    return sorted(int(pid) for pid in out.split())
+    pids = []
+    for pid in (int(p) for p in out.split()):
+        parent = subprocess.run(["ps", "-o", "ppid=", "-p", str(pid)], capture_output=True, text=True).stdout
+        if parent.strip() and int(parent) in raylets:
+            pids.append(pid)
+    return sorted(pids)
 
 
 def logged_epochs(uri: str, name: str) -> list[int]:
@@ -83,8 +90,9 @@ def test_killed_worker_is_survived_and_every_epoch_is_logged_once(ray_local, two
         ready = 0 in logged_epochs(uri, "survives") and 0 in registered_epochs(
             work / "ray_results" / "survives"
         )
-        if ready and train_worker_pids():
-            killed = train_worker_pids()[-1]
+        workers = train_worker_pids(two_node_cluster) if ready else []
+        if workers:
+            killed = workers[-1]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     out, _ = proc.communicate(timeout=600)
@@ -100,4 +108,5 @@ def test_killed_worker_is_survived_and_every_epoch_is_logged_once(ray_local, two
     result = json.loads(out.strip().splitlines()[-1])
     assert result["epochs"] == EPOCHS
     assert logged_epochs(uri, "survives") == list(range(EPOCHS))
-    assert killed not in train_worker_pids()
+    assert killed not in train_worker_pids(two_node_cluster)
+    assert "FailurePolicy] RETRY" in log_text

@@ -5,7 +5,7 @@ import s3fs
 from mlflow.tracking import MlflowClient
 
 from jobs import train as train_job
-from mltr.tracking import EPOCH_KEY
+from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import CHECKPOINT_FILES, TrainConfig
 from pipeline.convert import convert
 from pipeline.readers import read_index
@@ -53,6 +53,6 @@ def test_train_from_s3_with_checkpoints_in_s3_and_mlflow_server(
     import mlflow.pytorch
     import torch
 
-    mlflow.set_tracking_uri(mlflow_server["uri"])
-    model = mlflow.pytorch.load_model(result["model_uri"])
+    with tracking_uri(mlflow_server["uri"]):
+        model = mlflow.pytorch.load_model(result["model_uri"])
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 20)

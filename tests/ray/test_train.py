@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs import train as train_job
-from mltr.tracking import EPOCH_KEY
+from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import TrainConfig
 from pipeline.convert import convert
 from pipeline.readers import read_index
@@ -68,7 +68,8 @@ def test_two_workers_learn_and_a_second_start_resumes(voc_dataset, tmp_path):
     import mlflow.pytorch
     import torch
 
-    model = mlflow.pytorch.load_model(result["model_uri"])
+    with tracking_uri(uri):
+        model = mlflow.pytorch.load_model(result["model_uri"])
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 20)
 
     # The same name again, with one more epoch: it resumes from the checkpoint, it does not start over.
