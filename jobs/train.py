@@ -32,7 +32,7 @@ from mltr.train import (
     train_loop_per_worker,
 )
 from pipeline.dataset import load_manifest, read_split
-from pipeline.ingest import IngestConfig, build_dataset
+from pipeline.ingest import IngestConfig, build_dataset, multi_hot
 from pipeline.storage import resolve
 
 log = logging.getLogger("jobs.train")
@@ -72,17 +72,14 @@ def check_resources(config: TrainConfig) -> None:
 
 
 def frequency_baseline(uri: str, num_classes: int) -> float:
-    def multi_hot(split: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = read_split(uri, split, columns=["labels", "ignore"]).take_all()
-        targets = np.zeros((len(rows), num_classes), dtype=np.float32)
-        ignore = np.zeros_like(targets, dtype=bool)
-        for i, row in enumerate(rows):
-            targets[i, list(row["labels"])] = 1
-            ignore[i, list(row["ignore"])] = True
-        return targets, ignore
+    """mAP of the label-frequency baseline on the dataset's val split (labels only are read)."""
 
-    train, _ = multi_hot("train")
-    val, val_ignore = multi_hot("val")
+    def split_targets(split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = read_split(uri, split, columns=["labels", "ignore"]).take_all()
+        return multi_hot([r["labels"] for r in rows], [r["ignore"] for r in rows], num_classes)
+
+    train, _ = split_targets("train")
+    val, val_ignore = split_targets("val")
     return label_frequency_baseline(train, val, val_ignore)
 
 

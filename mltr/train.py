@@ -28,7 +28,7 @@ from torch import nn
 from mltr import tracking
 from mltr.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from mltr.losses import build_loss
-from mltr.metrics import MetricAccumulator, best_f1_thresholds
+from mltr.metrics import MetricAccumulator, best_f1_thresholds, mean_average_precision
 from mltr.model import MlTr, create_model
 from pipeline.ingest import normalize
 
@@ -219,8 +219,6 @@ def label_frequency_baseline(
     train_targets: np.ndarray, val_targets: np.ndarray, val_ignore: np.ndarray
 ) -> float:
     """mAP of scoring every validation image with the classes' training frequencies (a model that sees nothing)."""
-    from mltr.metrics import mean_average_precision
-
     frequency = train_targets.mean(axis=0, keepdims=True)
     scores = np.broadcast_to(frequency, val_targets.shape).copy()
     return mean_average_precision(scores, val_targets, val_ignore)[0]

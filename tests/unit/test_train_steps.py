@@ -1,0 +1,68 @@
+"""Pieces of the training loop as pure functions (no Ray)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import precision_recall_curve
+
+from mltr.model import create_model
+from mltr.train import (
+    TrainConfig,
+    label_frequency_baseline,
+    micro_pr_curve,
+    param_groups,
+    steps_per_epoch,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_label_frequency_baseline_is_the_val_prevalence():
+    train = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=np.float32)
+    val = np.array([[1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0]], dtype=np.float32)
+    ignore = np.zeros_like(val, dtype=bool)
+    # Every image gets the same scores: each class's AP is its share of positives in val.
+    assert label_frequency_baseline(train, val, ignore) == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
+
+
+def test_micro_pr_curve_matches_sklearn_and_skips_ignored():
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(50, 4)))
+    targets = torch.from_numpy(rng.random((50, 4)) < 0.3)
+    ignore = torch.zeros(50, 4, dtype=torch.bool)
+    ignore[:5, 0] = True
+    recall, precision = micro_pr_curve(logits, targets, ignore, points=10_000)
+    keep = ~ignore.numpy()
+    ref_p, ref_r, _ = precision_recall_curve(targets.numpy()[keep], logits.numpy()[keep])
+    # Same curve: every (recall, precision) point of ours lies on sklearn's (no ties in random scores).
+    ours = set(zip(np.round(recall, 9), np.round(precision, 9), strict=True))
+    theirs = set(zip(np.round(ref_r, 9), np.round(ref_p, 9), strict=True))
+    assert ours <= theirs and len(recall) == keep.sum()  # one point per non-ignored entry
+
+
+@pytest.mark.parametrize(
+    ("rows", "world", "batch", "accumulate", "expected"),
+    [(100, 2, 16, 1, 4), (100, 2, 16, 2, 2), (7, 2, 16, 1, 1), (1000, 8, 32, 1, 4)],
+)
+def test_steps_per_epoch(rows, world, batch, accumulate, expected):
+    assert steps_per_epoch(rows, world, batch, accumulate) == expected
+
+
+def test_no_weight_decay_parameters_get_none():
+    model = create_model("mltr_tiny", num_classes=5)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    skip = model.no_weight_decay()
+    named = dict(model.named_parameters())
+    assert {id(p) for p in no_decay["params"]} == {id(named[n]) for n in skip}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+    assert all(p.ndim > 1 for p in decay["params"])
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="--data is required"):
+        TrainConfig()
+    with pytest.raises(ValueError, match="--epochs must be at least 1"):
+        TrainConfig(data="/d", epochs=0)
+    with pytest.raises(ValueError, match="--ema-decay"):
+        TrainConfig(data="/d", ema_decay=1.0)
