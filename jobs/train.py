@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from mlflow.tracking import MlflowClient
 
 from jobs._config import parse_config
 from jobs._runtime import init_ray, run_job, setup_logging
@@ -89,12 +90,12 @@ def log_final_model(client, run_id: str, checkpoint_dir: Path, classes: list[str
     import torch
     from mlflow.models import infer_signature
 
-    from mltr.checkpoint import load_checkpoint, load_model
+    from mltr.checkpoint import load_model
 
     state = torch.load(checkpoint_dir / TRAIN_STATE, map_location="cpu", weights_only=False)
     weights_file = EMA_FILE if state["weights"] == "ema" else MODEL_FILE
     model = load_model(checkpoint_dir / weights_file)
-    thresholds = load_checkpoint(checkpoint_dir / weights_file)["extra"]["thresholds"]
+    thresholds = state["thresholds"]  # calibrated on val for the chosen weights
     example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
@@ -154,7 +155,7 @@ def run(config: TrainConfig) -> dict:
 
     name = config.name or f"{manifest.name}-{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     mlflow_uri = config.mlflow_uri or tracking.default_tracking_uri(workdir)
-    client = tracking.set_tracking(mlflow_uri)
+    client = MlflowClient(mlflow_uri)
     artifact_root = (workdir / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None
     experiment_id = tracking.ensure_experiment(client, config.experiment, artifact_root)
     params = {k: v for k, v in config.__dict__.items()} | {"resolved_image_size": model_cfg.image_size}

@@ -102,11 +102,6 @@ def _log_file(client: MlflowClient, run_id: str, path: Path, artifact_file: str)
     client.log_artifact(run_id, str(path), artifact_path=None if parent == "." else parent)
 
 
-def set_tracking(uri: str) -> MlflowClient:
-    """A client for ``uri``. The process-wide tracking URI is left alone (see :func:`tracking_uri`)."""
-    return MlflowClient(uri)
-
-
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at ``uri`` for a block, then restore.
@@ -114,18 +109,14 @@ def tracking_uri(uri: str) -> Iterator[None]:
     ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment, so leaving it
     set would send every later run of the same process to this store.
     """
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = mlflow.get_tracking_uri() if previous_env else None
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        if previous_env is None:
+        mlflow.set_tracking_uri(previous)  # None: back to MLflow's default
+        if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(None)
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            mlflow.set_tracking_uri(previous)
 
 
 def log_table(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 from mltr import tracking
@@ -286,7 +287,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", state["epoch"])
 
-    client = tracking.set_tracking(ctx.mlflow_uri) if rank == 0 else None
+    client = MlflowClient(ctx.mlflow_uri) if rank == 0 else None
     if client is not None:
         # Epochs checkpointed but not logged (the worker died in between) are logged now.
         for record in history:
@@ -340,7 +341,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logits, targets, ignore = results[chosen_name].tensors()
                 thresholds = best_f1_thresholds(logits, targets, ignore)
                 pr_curve = micro_pr_curve(logits, targets, ignore)
-                extra = {"epoch": epoch, "classes_metrics": metrics, "thresholds": thresholds.tolist()}
+                extra = {"epoch": epoch, "metrics": metrics, "thresholds": thresholds.tolist()}
                 save_checkpoint(module, Path(folder) / MODEL_FILE, extra=extra)
                 save_checkpoint(ema.module, Path(folder) / EMA_FILE, extra=extra)
                 torch.save(
