@@ -38,7 +38,7 @@ from pipeline.storage import resolve
 
 log = logging.getLogger("jobs.train")
 
-DATA_CPUS = 1.0  # CPUs left free for Ray Data's decode/augment tasks beside the Train workers
+VAL_CPUS = 1  # CPUs left free for the validation pass's Ray Data tasks beside the decode actors
 
 
 def model_config(config: TrainConfig, num_classes: int) -> MlTrConfig:
@@ -48,22 +48,38 @@ def model_config(config: TrainConfig, num_classes: int) -> MlTrConfig:
     return dataclasses.replace(VARIANTS[config.model], **config.model_overrides(num_classes))
 
 
+def train_cpus(config: TrainConfig) -> int:
+    return math.ceil(config.num_workers * config.cpus_per_worker)
+
+
 def local_cpus(config: TrainConfig) -> int:
-    """Logical CPUs for a local Ray: room for the Train workers and Ray Data even on a 2-core machine."""
-    return max(os.cpu_count() or 1, math.ceil(config.num_workers * config.cpus_per_worker + DATA_CPUS + 1))
+    """Logical CPUs for a local Ray: the Train workers, a decode actor per core, and validation.
+
+    More than the machine's cores on a small machine: the Train workers wait on each other and on
+    their data, and an idle reservation would leave a core unused.
+    """
+    cores = os.cpu_count() or 1
+    return max(cores, train_cpus(config) + (config.decode_actors or cores) + VAL_CPUS)
 
 
-def check_resources(config: TrainConfig) -> None:
-    """Fail fast when the cluster cannot place the workers (plus CPU for Ray Data)."""
+def decode_actors(config: TrainConfig, cluster_cpus: float) -> int:
+    """``--decode-actors``, else every CPU the cluster has beside the Train workers and validation."""
+    if config.decode_actors is not None:
+        return config.decode_actors
+    return max(1, math.floor(cluster_cpus) - train_cpus(config) - VAL_CPUS)
+
+
+def check_resources(config: TrainConfig, actors: int) -> None:
+    """Fail fast when the cluster cannot place the workers and the decode actors."""
     import ray
 
     total = ray.cluster_resources()
-    need_cpu = config.num_workers * config.cpus_per_worker + DATA_CPUS
+    need_cpu = train_cpus(config) + actors + VAL_CPUS
     if total.get("CPU", 0) < need_cpu:
         raise ValueError(
             f"the cluster has {total.get('CPU', 0):g} CPUs; {config.num_workers} workers x "
-            f"{config.cpus_per_worker:g} CPUs plus {DATA_CPUS:g} for Ray Data need {need_cpu:g}: lower "
-            "--num-workers or --cpus-per-worker, or add nodes"
+            f"{config.cpus_per_worker:g} CPUs, {actors} decode actors and {VAL_CPUS} CPU for validation "
+            f"need {need_cpu:g}: lower --num-workers, --cpus-per-worker or --decode-actors, or add nodes"
         )
     if config.use_gpu and total.get("GPU", 0) < config.num_workers:
         raise ValueError(
@@ -139,6 +155,7 @@ def log_final_model(client, run_id: str, checkpoint_dir: Path, classes: list[str
 
 
 def run(config: TrainConfig) -> dict:
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -147,11 +164,14 @@ def run(config: TrainConfig) -> dict:
         manifest.rows(split)  # names the missing split
     model_cfg = model_config(config, manifest.num_classes)
     workdir = Path(config.workdir).resolve()
-    local_cpus = max(
-        os.cpu_count() or 1, math.ceil(config.num_workers * config.cpus_per_worker + DATA_CPUS + 1)
-    )
-    init_ray(config.address, num_cpus=local_cpus)
-    check_resources(config)
+    if manifest.rows("train") < config.num_workers * config.batch_size:
+        raise ValueError(
+            f"the train split has {manifest.rows('train')} rows, fewer than one batch per worker "
+            f"({config.num_workers} x {config.batch_size}): lower --batch-size or --num-workers"
+        )
+    init_ray(config.address, num_cpus=local_cpus(config))
+    actors = decode_actors(config, ray.cluster_resources().get("CPU", 0))
+    check_resources(config, actors)
 
     name = config.name or f"{manifest.name}-{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     mlflow_uri = config.mlflow_uri or tracking.default_tracking_uri(workdir)
@@ -189,6 +209,8 @@ def run(config: TrainConfig) -> dict:
                 crop_scale=(config.crop_min_scale, 1.0),
                 erase_p=config.cutout_p,
             ),
+            passes=config.epochs,
+            decode_actors=actors,
         ),
         "val": build_dataset(
             config.data,

@@ -31,7 +31,7 @@ from mltr.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from mltr.losses import build_loss
 from mltr.metrics import MetricAccumulator, best_f1_thresholds, mean_average_precision
 from mltr.model import MlTr, create_model
-from pipeline.ingest import normalize
+from pipeline.ingest import epoch_batches, normalize
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ class TrainConfig:
     num_workers: int = _help("Ray Train workers (DDP processes)", 2)
     use_gpu: bool = _help("one GPU per worker", False)
     cpus_per_worker: float = _help("CPUs each Train worker reserves; the rest feed Ray Data", 1.0)
+    decode_actors: int | None = _help(
+        "Ray Data actors (one CPU each) decoding and augmenting the training stream "
+        "(default: the cluster's CPUs beside the Train workers, less one for validation)",
+        None,
+    )
     workdir: str = _help("local folder for the embedded defaults (Ray results, MLflow SQLite store)", "work")
     storage: str | None = _help(
         "checkpoints and Ray results: a folder or s3://bucket/prefix (default: <workdir>/ray_results)", None
@@ -92,6 +97,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accumulate", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.decode_actors is not None and self.decode_actors < 1:
+            raise ValueError(f"--decode-actors must be at least 1, got {self.decode_actors}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
@@ -137,10 +144,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def steps_per_epoch(train_rows: int, world_size: int, batch_size: int, accumulate: int) -> int:
-    """Optimiser steps per epoch on each worker (Ray splits rows equally across workers)."""
-    batches = math.ceil((train_rows // world_size) / batch_size)
-    return max(1, math.ceil(batches / accumulate))
+def optimizer_steps(train_rows: int, world_size: int, batch_size: int, accumulate: int, epochs: int) -> int:
+    """Optimiser steps of the whole run on each worker: every epoch ends with a step."""
+    return sum(
+        math.ceil(epoch_batches(train_rows, world_size, batch_size, epoch) / accumulate)
+        for epoch in range(epochs)
+    )
 
 
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
@@ -265,9 +274,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ema = make_ema(model, cfg.ema_decay).to(device)
     criterion = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    per_epoch = steps_per_epoch(ctx.train_rows, world, cfg.batch_size, cfg.accumulate)
+    total_steps = optimizer_steps(ctx.train_rows, world, cfg.batch_size, cfg.accumulate, cfg.epochs)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * per_epoch, pct_start=0.2
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.2
     )
     # bf16 needs no loss scaling; the scaler is kept (disabled) so fp16 can be switched on without a new format.
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -293,25 +302,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for record in history:
             tracking.log_epoch(client, ctx.mlflow_run_id, record["epoch"], record["metrics"])
 
-    train_shard = ray.train.get_dataset_shard("train")
+    # The train split is one stream of all the epochs (see pipeline.ingest), read by one iterator
+    # and cut into epochs by batch count; after a restart it starts again from its first pass.
+    train_stream = iter(
+        ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None
+        )
+    )
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         ema.train()
-        started, seen, loss_sum, batches_done, wait = time.perf_counter(), 0, 0.0, 0, 0.0
+        started, seen, loss_sum, wait = time.perf_counter(), 0, 0.0, 0.0
+        batches = epoch_batches(ctx.train_rows, world, cfg.batch_size, epoch)
         optimizer.zero_grad(set_to_none=True)
-        fetch = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None, drop_last=False
-        )
-        for i, batch in enumerate(batches):
+        for i in range(batches):
+            fetch = time.perf_counter()
+            batch = next(train_stream, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"the training stream ended in epoch {epoch} after {i} of {batches} batches"
+                )
             wait += time.perf_counter() - fetch
             loss_sum += forward_backward(model, criterion, batch, device, cfg.accumulate)
-            if (i + 1) % cfg.accumulate == 0:
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == batches:  # every epoch ends with a step
                 optimizer_step(model, optimizer, scheduler, ema, cfg.grad_clip)
             seen += batch["image"].shape[0]
-            batches_done += 1
-            fetch = time.perf_counter()
         train_seconds = time.perf_counter() - started
 
         val_batches = val_shard.iter_torch_batches(batch_size=cfg.batch_size * 2)
@@ -321,7 +337,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         chosen_name, chosen = max((("model", model_metrics), ("ema", ema_metrics)), key=lambda kv: kv[1].mAP)
         metrics = {
             "epoch": epoch,
-            "train_loss": loss_sum / max(1, batches_done),
+            "train_loss": loss_sum / batches,
             "train_images_per_s_per_worker": seen / max(train_seconds, 1e-9),
             "data_wait_s": wait,
             "lr": optimizer.param_groups[0]["lr"],

@@ -1,10 +1,21 @@
 """Training-time ingest: Parquet shards -> decoded, augmented uint8 images + multi-hot targets.
 
-    ShardUnits(uri, split)              read tasks of ~128 rows (whole row groups), listed from the
-                                        manifest, in a new random order every epoch for training
-      -> map_batches(transform_batch)   decode + augment, fused into the same task
+    ShardUnits(uri, split, passes)      read tasks of ~128 rows (whole row groups), listed from the
+                                        manifest; training: every pass over the split in a new
+                                        random order, all passes in one stream
+      -> map_batches(transform_batch)   decode + augment, fused into the same task (or actor)
     -> {"image": uint8 (B, 3, S, S), "targets": float32 (B, C), "ignore_mask": bool (B, C)}
     on the Train worker: normalize(batch["image"].to(device))
+
+Training reads one stream of ``passes`` epochs through a fixed pool of decode actors
+(``build_dataset(..., passes=E, decode_actors=N)``) and cuts it into epochs by batch count
+(:func:`epoch_batches`). Two Ray Data 2.60 costs are paid per execution, so per epoch when every
+epoch is an execution: the executor starts knowing no cluster resources and runs one task for its
+first second, and the first batch arrives ~0.5 s after the epoch is asked for. And a task pool
+sized to the CPUs keeps fewer tasks running than CPUs: on 2 cores a task waited ~0.25 s between
+submission and start (Ray Data's ``average_task_scheduling_time_s``), so one core idled ~40% of
+the time. Actors with two units queued each go straight from one unit to the next. Validation
+(short, every epoch, must see every image once) stays one task-based execution per epoch.
 
 Why not ``read_split(uri).map_batches(...)``: a map task never splits its input block, and on
 Ray 2.60 the default Parquet reader (datasource V2) bin-packs the shards into 128 MiB read
@@ -248,8 +259,8 @@ class ShardUnits(Datasource):
     """The shards of one split of a converted dataset as read tasks of ``rows_per_task`` rows.
 
     The manifest lists the shards and their rows, so units are planned without opening a file.
-    Read tasks are made again for every execution (every epoch), in a new random order when
-    ``shuffle`` (a fixed order per ``seed`` if one is given).
+    Read tasks are made again for every execution: ``passes`` times over the split, each pass in a
+    new random order when ``shuffle`` (a fixed sequence of orders per ``seed`` if one is given).
     """
 
     def __init__(
@@ -260,7 +271,10 @@ class ShardUnits(Datasource):
         rows_per_task: int = ROWS_PER_TASK,
         shuffle: bool = False,
         seed: int | None = None,
+        passes: int = 1,
     ):
+        if passes < 1:
+            raise ValueError(f"passes must be at least 1, got {passes}")
         manifest = load_manifest(uri)
         files = manifest.files(split)  # raises KeyError for a split the dataset does not have
         rows = [f["rows"] for f in manifest.data["splits"][split]["files"]]
@@ -269,6 +283,7 @@ class ShardUnits(Datasource):
         self.columns = list(columns)
         self.shuffle = shuffle
         self.seed = seed
+        self.passes = passes
 
     def get_name(self) -> str:
         return "MltrShards"
@@ -279,44 +294,102 @@ class ShardUnits(Datasource):
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
-        units = list(self.units)
-        if self.shuffle:
-            random.Random(self.seed if self.seed is not None else os.urandom(8)).shuffle(units)
-        return [
-            ReadTask(
-                partial(_read_unit_blocks, self.fs, unit, self.columns),
-                BlockMetadata(
-                    num_rows=unit.stop - unit.start, size_bytes=None, exec_stats=None, input_files=[unit.path]
-                ),
-                per_task_row_limit=per_task_row_limit,
-            )
-            for unit in units
-        ]
+        rng = random.Random(self.seed if self.seed is not None else os.urandom(8))
+        tasks = []
+        for _ in range(self.passes):
+            units = list(self.units)
+            if self.shuffle:
+                rng.shuffle(units)
+            tasks += [
+                ReadTask(
+                    partial(_read_unit_blocks, self.fs, unit, self.columns),
+                    BlockMetadata(
+                        num_rows=unit.stop - unit.start,
+                        size_bytes=None,
+                        exec_stats=None,
+                        input_files=[unit.path],
+                    ),
+                    per_task_row_limit=per_task_row_limit,
+                )
+                for unit in units
+            ]
+        return tasks
 
 
 def _read_unit_blocks(fs: FileSystem, unit: ReadUnit, columns: list[str]) -> list[pa.Table]:
     return [read_unit(fs, unit, columns)]
 
 
+class _Transform:
+    """:func:`transform_batch` as an actor class, for a pool of decode actors."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return transform_batch(batch, self.cfg)
+
+
 def build_dataset(
-    uri: str, split: str, cfg: IngestConfig, *, rows_per_task: int = ROWS_PER_TASK, **map_kwargs: Any
+    uri: str,
+    split: str,
+    cfg: IngestConfig,
+    *,
+    passes: int = 1,
+    decode_actors: int | None = None,
+    rows_per_task: int = ROWS_PER_TASK,
+    **map_kwargs: Any,
 ) -> ray.data.Dataset:
     """The split at ``uri`` as decoded, transformed batches (a lazy ``ray.data.Dataset``).
 
-    One task per ``rows_per_task`` rows reads its row groups and decodes them in one
-    :func:`transform_batch` call: the read and the map fuse into one operator (a ``batch_size``
-    in ``map_kwargs`` would split them again: Ray 2.60 does not fuse a read with a batched map).
-    Training (``cfg.train``) visits the units in a new random order every epoch; mix rows across
-    units with ``local_shuffle_buffer_size`` in ``iter_torch_batches``. ``map_kwargs`` go to
-    ``map_batches`` (``num_cpus``, ``memory``, ...).
+    One read task per ``rows_per_task`` rows reads its row groups, and one :func:`transform_batch`
+    call decodes them: the read and the map fuse into one operator (a ``batch_size`` in
+    ``map_kwargs`` would split them again: Ray 2.60 does not fuse a read with a batched map).
+
+    - ``passes``: epochs in one execution, each a new order of the units when ``cfg.train``.
+      Consume it with one iterator cut into epochs by :func:`epoch_batches`; rows of neighbouring
+      epochs mix at the boundary (units finish out of order, and in the local shuffle buffer).
+    - ``decode_actors``: run the map in a fixed pool of that many actors (one CPU each, two units
+      queued per actor), started once per execution: for a long stream. ``None``: Ray tasks,
+      nothing to start, for a short execution such as one validation pass.
+
+    Mix rows across units with ``local_shuffle_buffer_size`` in ``iter_torch_batches``.
+    ``map_kwargs`` go to ``map_batches`` (``num_cpus``, ``memory``, ...).
     """
-    source = ShardUnits(uri, split, INPUT_COLUMNS, rows_per_task, shuffle=cfg.train, seed=cfg.seed)
+    source = ShardUnits(
+        uri, split, INPUT_COLUMNS, rows_per_task, shuffle=cfg.train, seed=cfg.seed, passes=passes
+    )
     if not source.units:
         raise ValueError(f"dataset {uri} has no rows in split {split!r}")
     map_kwargs.setdefault("batch_size", None)
-    return ray.data.read_datasource(source, override_num_blocks=len(source.units)).map_batches(
-        transform_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", **map_kwargs
+    ds = ray.data.read_datasource(source, override_num_blocks=passes * len(source.units))
+    if decode_actors is None:
+        return ds.map_batches(transform_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", **map_kwargs)
+    if decode_actors < 1:
+        raise ValueError(f"decode_actors must be at least 1, got {decode_actors}")
+    return ds.map_batches(
+        _Transform,
+        fn_constructor_kwargs={"cfg": cfg},
+        compute=ray.data.ActorPoolStrategy(size=decode_actors, max_tasks_in_flight_per_actor=2),
+        batch_format="numpy",
+        **map_kwargs,
     )
+
+
+def epoch_batches(rows: int, world_size: int, batch_size: int, epoch: int) -> int:
+    """Batches each of ``world_size`` consumers takes from a multi-pass stream in ``epoch``.
+
+    A stream of ``rows`` per pass, split equally, holds ``floor(passes * rows / world_size)`` rows
+    per consumer. Taking ``floor((epoch + 1) * rows / (world_size * batch_size))`` full batches by
+    the end of ``epoch`` keeps every consumer at the same count (DDP needs equal steps), never
+    asks for more than the stream holds, and loses less than one batch per consumer over the run.
+    """
+    per_step = world_size * batch_size
+    if rows < per_step:
+        raise ValueError(
+            f"{rows} rows per epoch cannot fill one batch of {batch_size} on each of {world_size} workers"
+        )
+    return (epoch + 1) * rows // per_step - epoch * rows // per_step
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -6,22 +6,24 @@ Both sides deliver the same batches (uint8 images, multi-hot targets, ignore mas
 same stored JPEG bytes with the same per-image work (:func:`pipeline.ingest.decode_images` +
 :func:`pipeline.ingest.make_transform`: decode, RandomResizedCrop, flip, RandAugment, cutout):
 
-- Ray Data: ``build_dataset(<converted dataset>, "train", cfg).iter_torch_batches(...)``;
+- Ray Data, as the training job reads it (``--mode stream``): one stream of all the epochs,
+  ``build_dataset(<converted dataset>, "train", cfg, passes=1 + epochs, decode_actors=CPUs)
+  .iter_torch_batches(...)``, cut into epochs by :func:`pipeline.ingest.epoch_batches` (full
+  batches only: 2240 of 2250 images at the defaults). ``--mode per-epoch``: one task-based
+  execution per epoch, as a training loop that iterates ``get_dataset_shard`` per epoch would;
 - baseline: ``torch.utils.data.DataLoader(num_workers=2, shuffle=True)`` over the converted
   dataset's JPEG bytes written out as one file per image (so the decode work is identical).
 
-The machine may be shared, so the two sides take turns, epoch by epoch (DataLoader, then Ray
-Data), after one warm-up epoch each (workers start, imports, caches): a change of load from
-other work lands on both. Ray is started first and stays up (its idle daemons cost the
-DataLoader a little), the DataLoader's workers are persistent. Two figures per side:
+Each side has one warm-up epoch (workers and actors start, imports, caches). A running stream
+keeps decoding into its buffer while nobody reads it, so the sides cannot take turns epoch by
+epoch: the DataLoader's timed epochs run before and after Ray Data's (a change of load from other
+work on a shared machine lands on both). Ray is started first and stays up (its idle daemons cost
+the DataLoader a little), the DataLoader's workers are persistent. Two figures per side:
 
-- whole epochs (``ratio``): images/s over the timed epochs, each epoch's start included.
-  Ray Data 2.60 learns the cluster's resources asynchronously at the start of every execution
-  and runs one task at a time until then (about a second): a per-epoch cost that training pays
-  too, and that long epochs hide;
+- whole epochs (``ratio``): images/s over the timed epochs, each epoch's start included;
 - steady state (``ratio_steady``): images/s after the first ``--warmup-batches`` batches of
-  every timed epoch. It flatters whichever side ran further ahead during those batches (Ray
-  Data keeps producing while the consumer waits), so it is reported, not the headline.
+  every timed epoch. It flatters whichever side ran further ahead during those batches (both
+  keep producing while the consumer waits), so it is reported, not the headline.
 
 Ray's start-up is reported separately. Ends with one JSON line holding every figure.
 """
@@ -36,7 +38,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import pyarrow.parquet as pq
 import torch
@@ -52,6 +56,7 @@ from pipeline.ingest import (
     IngestConfig,
     build_dataset,
     decode_images,
+    epoch_batches,
     make_transform,
     multi_hot,
 )
@@ -73,7 +78,13 @@ class BenchIngestConfig:
     prefetch_batches: int = opt(2, "iter_torch_batches prefetch_batches (DataLoader: prefetch_factor)")
     max_side: int = opt(512, "longer side of the stored JPEGs (sources are 640x480)")
     rows_per_shard: int = opt(1000, "rows per Parquet shard, as in the preprocess job")
-    num_cpus: int | None = opt(None, "logical CPUs for the local Ray (default: this machine's cores)")
+    num_cpus: int | None = opt(
+        None, "logical CPUs for the local Ray, one decode actor each (default: this machine's cores)"
+    )
+    mode: Literal["stream", "per-epoch"] = opt(
+        "stream",
+        "Ray Data as training reads it (one stream, decode actors), or one task-based execution per epoch",
+    )
     workdir: str | None = opt(
         None, "where to generate and write, kept for re-runs (default: a temporary folder)"
     )
@@ -119,7 +130,7 @@ def write_jpeg_files(uri: str, split: str, out: Path) -> tuple[list[Path], list,
 class Timing:
     """What one side measured over its timed epochs."""
 
-    images: int = 0  # per epoch
+    epoch_images: list[int] = field(default_factory=list)
     epoch_s: list[float] = field(default_factory=list)
     first_batch_s: list[float] = field(default_factory=list)  # from asking for the epoch to its first batch
     steady_images: int = 0  # after the warm-up batches of each epoch, summed over epochs
@@ -128,7 +139,7 @@ class Timing:
 
     @property
     def images_per_s(self) -> float:
-        return self.images * len(self.epoch_s) / sum(self.epoch_s)
+        return sum(self.epoch_images) / sum(self.epoch_s)
 
     @property
     def steady_images_per_s(self) -> float:
@@ -157,7 +168,7 @@ def time_epoch(make_iter, timing: Timing, label: str, warmup_batches: int, warmu
         return
     if steady_start is None:
         raise ValueError(f"an epoch of {count} images has no more than --warmup-batches {warmup_batches}")
-    timing.images = count
+    timing.epoch_images.append(count)
     timing.epoch_s.append(seconds)
     timing.first_batch_s.append(first)
     timing.steady_images += count - steady_count
@@ -205,7 +216,32 @@ def run_in(config: BenchIngestConfig, work: Path) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = build_dataset(uri, "train", cfg, rows_per_task=config.rows_per_task)
+    if config.mode == "stream":
+        ds = build_dataset(
+            uri,
+            "train",
+            cfg,
+            passes=config.epochs + 1,
+            decode_actors=cpus,
+            rows_per_task=config.rows_per_task,
+        )
+        stream = iter(
+            ds.iter_torch_batches(batch_size=config.batch_size, prefetch_batches=config.prefetch_batches)
+        )
+        epochs_taken = iter(range(config.epochs + 1))
+
+        def ray_epoch():
+            return islice(stream, epoch_batches(len(files), 1, config.batch_size, next(epochs_taken)))
+
+        ray_label = (
+            f"Ray Data stream over {len(manifest.files('train'))} Parquet shards, {cpus} decode actors"
+        )
+    else:
+        ds = build_dataset(uri, "train", cfg, rows_per_task=config.rows_per_task)
+        ray_epoch = partial(
+            ds.iter_torch_batches, batch_size=config.batch_size, prefetch_batches=config.prefetch_batches
+        )
+        ray_label = f"Ray Data over {len(manifest.files('train'))} Parquet shards, {cpus} CPUs, per epoch"
     loader = DataLoader(
         JpegFiles(files, labels, ignore, cfg),
         batch_size=config.batch_size,
@@ -215,36 +251,37 @@ def run_in(config: BenchIngestConfig, work: Path) -> dict:
         prefetch_factor=config.prefetch_batches if config.num_workers > 0 else None,
     )
     baseline, ray_data = Timing(), Timing()
-    sides = [
-        (
-            f"DataLoader(num_workers={config.num_workers}) over {len(files)} JPEG files",
-            loader.__iter__,
-            baseline,
-        ),
-        (
-            f"Ray Data over {len(manifest.files('train'))} Parquet shards, {cpus} CPUs",
-            partial(
-                ds.iter_torch_batches, batch_size=config.batch_size, prefetch_batches=config.prefetch_batches
-            ),
-            ray_data,
-        ),
-    ]
-    for epoch in range(config.epochs + 1):
-        for name, make_iter, timing in sides:
+    dataloader = (
+        f"DataLoader(num_workers={config.num_workers}) over {len(files)} JPEG files",
+        loader.__iter__,
+        baseline,
+    )
+    # A running stream keeps decoding into its buffer while it is not read, so the sides cannot
+    # take turns epoch by epoch: the DataLoader runs its epochs before and after Ray Data's.
+    rounds = [(dataloader, True), ((ray_label, ray_epoch, ray_data), True), (dataloader, False)]
+    for (name, make_iter, timing), warm_up in rounds:
+        for epoch in range(0 if warm_up else 1, config.epochs + 1):
             label = f"{name}, " + ("warm-up epoch" if epoch == 0 else f"epoch {epoch}")
             time_epoch(make_iter, timing, label, config.warmup_batches, warmup_epoch=epoch == 0)
+        if config.mode == "stream" and timing is ray_data:
+            stream.close()  # stops the stream's execution: its tail would compete with the DataLoader
     stats = ds.stats()
     ray.shutdown()
-    if not baseline.images == ray_data.images == len(files):
+    full_batches = len(files) // config.batch_size * config.batch_size
+    if set(baseline.epoch_images) != {len(files)} or not all(
+        full_batches - config.batch_size < n <= len(files) for n in ray_data.epoch_images
+    ):
         raise RuntimeError(
-            f"epochs differ: {baseline.images} vs {ray_data.images} images, {len(files)} files"
+            f"epochs differ: {baseline.epoch_images} vs {ray_data.epoch_images} images, {len(files)} files"
         )
 
     ratio = ray_data.images_per_s / baseline.images_per_s
     ratio_steady = ray_data.steady_images_per_s / baseline.steady_images_per_s
     result = {
         "bench": "ingest",
-        "images": ray_data.images,
+        "images": len(files),
+        "mode": config.mode,
+        "ray_epoch_images": ray_data.epoch_images,
         "cpus": cpus,
         "image_size": config.image_size,
         "batch_size": config.batch_size,

@@ -127,6 +127,30 @@ def test_training_visits_units_in_a_new_order_every_epoch(dataset):
     assert [t.metadata.input_files for t in plain.get_read_tasks(1)] == [(u.path,) for u in plain.units]
 
 
+def test_a_stream_of_passes_through_decode_actors_holds_every_image_once_per_pass(dataset):
+    stored = stored_rows(dataset, "train")
+    cfg = IngestConfig(num_classes=80, image_size=SIZE, train=True, keep_ids=True)
+    ds = build_dataset(dataset, "train", cfg, passes=3, decode_actors=2, rows_per_task=4)
+    ids = [i for batch in ds.iter_batches(batch_format="numpy", batch_size=None) for i in batch["image_id"]]
+    assert Counter(ids) == {image_id: 3 for image_id in stored}
+    # Passes follow each other: units finish out of order only among the few in flight (2 actors
+    # x 2 queued units of 4 rows), so the first and the last 30 rows hold no image twice.
+    assert len(set(ids[:30])) == 30 and len(set(ids[-30:])) == 30
+    # The read ran inside the actors, one call per unit.
+    assert tasks_executed(ds.stats()) == {"ReadMltrShards->MapBatches(_Transform)": 36}
+
+
+def test_a_seeded_stream_repeats_its_sequence_of_orders(dataset):
+    seeded = ShardUnits(dataset, "train", INPUT_COLUMNS, rows_per_task=2, shuffle=True, seed=5, passes=2)
+    tasks = [t.metadata.input_files for t in seeded.get_read_tasks(1)]
+    assert tasks == [t.metadata.input_files for t in seeded.get_read_tasks(1)]
+    assert tasks[:24] != tasks[24:] and sorted(tasks[:24]) == sorted(tasks[24:])
+    with pytest.raises(ValueError, match="decode_actors must be at least 1"):
+        build_dataset(dataset, "train", IngestConfig(num_classes=80), decode_actors=0)
+    with pytest.raises(ValueError, match="passes must be at least 1"):
+        build_dataset(dataset, "train", IngestConfig(num_classes=80), passes=0)
+
+
 def test_unknown_split_and_missing_dataset_are_refused(dataset, tmp_path):
     with pytest.raises(KeyError, match="test"):
         build_dataset(dataset, "test", IngestConfig(num_classes=80))

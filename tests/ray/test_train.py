@@ -87,8 +87,10 @@ def test_bad_configuration_fails_fast_with_what_to_change(voc_dataset, tmp_path)
         run(model="mltr_huge")
     with pytest.raises(ValueError, match="window_size=5 does not fit"):
         run(window_size=5)
-    with pytest.raises(ValueError, match="lower --num-workers"):
-        run(num_workers=64)
+    with pytest.raises(ValueError, match="need 10: lower --num-workers"):
+        run(num_workers=4, cpus_per_worker=2)  # + 1 decode actor + 1 CPU for validation; 4 CPUs here
+    with pytest.raises(ValueError, match="180 rows, fewer than one batch per worker"):
+        run(batch_size=128)
     from pipeline.dataset import DatasetNotFound
 
     with pytest.raises(DatasetNotFound, match="_manifest.json"):

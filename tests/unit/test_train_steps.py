@@ -10,9 +10,10 @@ from mltr.train import (
     TrainConfig,
     label_frequency_baseline,
     micro_pr_curve,
+    optimizer_steps,
     param_groups,
-    steps_per_epoch,
 )
+from pipeline.ingest import epoch_batches
 
 pytestmark = pytest.mark.unit
 
@@ -40,12 +41,30 @@ def test_micro_pr_curve_matches_sklearn_and_skips_ignored():
     assert ours <= theirs and len(recall) == keep.sum()  # one point per non-ignored entry
 
 
+@pytest.mark.parametrize(("rows", "world", "batch"), [(100, 2, 16), (450, 2, 16), (64, 1, 64), (1000, 8, 32)])
+def test_epochs_cut_from_a_stream_take_what_each_worker_holds(rows, world, batch):
+    epochs = 7
+    per_epoch = [epoch_batches(rows, world, batch, e) for e in range(epochs)]
+    # Equal steps on every worker; never more rows than the equal split gives each of them
+    # (floor(epochs * rows / world)); less than one batch of it left over.
+    held = epochs * rows // world
+    assert sum(per_epoch) * batch <= held < (sum(per_epoch) + 1) * batch
+    # Every epoch is a whole epoch's worth, to within one batch.
+    assert all(abs(n * world * batch - rows) < world * batch for n in per_epoch)
+
+
+def test_a_stream_smaller_than_one_batch_per_worker_is_refused():
+    with pytest.raises(ValueError, match="cannot fill one batch of 16 on each of 4 workers"):
+        epoch_batches(63, 4, 16, 0)
+
+
 @pytest.mark.parametrize(
-    ("rows", "world", "batch", "accumulate", "expected"),
-    [(100, 2, 16, 1, 4), (100, 2, 16, 2, 2), (7, 2, 16, 1, 1), (1000, 8, 32, 1, 4)],
+    ("rows", "world", "batch", "accumulate", "epochs", "expected"),
+    # 100 rows, 2 x 16: 3 batches per epoch (3.125), a 4th every 8th epoch.
+    [(100, 2, 16, 1, 2, 6), (100, 2, 16, 2, 2, 4), (100, 2, 16, 1, 8, 25), (1000, 8, 32, 3, 1, 1), (1000, 8, 32, 2, 1, 2)],
 )
-def test_steps_per_epoch(rows, world, batch, accumulate, expected):
-    assert steps_per_epoch(rows, world, batch, accumulate) == expected
+def test_optimizer_steps_end_every_epoch_with_a_step(rows, world, batch, accumulate, epochs, expected):
+    assert optimizer_steps(rows, world, batch, accumulate, epochs) == expected
 
 
 def test_no_weight_decay_parameters_get_none():
