@@ -152,6 +152,21 @@ def optimizer_steps(train_rows: int, world_size: int, batch_size: int, accumulat
     )
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """OneCycle over the run with a 20% warm-up; a run of under 3 steps keeps the peak rate.
+
+    OneCycle divides by the length of each phase, so its warm-up must span more than one step:
+    short runs (a 1-epoch fine-tune of a small dataset) get a longer warm-up fraction.
+    """
+    if total_steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=total_steps, pct_start=max(0.2, 1.5 / total_steps)
+    )
+
+
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
     module = unwrap(model)
     return torch.optim.swa_utils.AveragedModel(
@@ -197,7 +212,7 @@ def forward_backward(
 def optimizer_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.OneCycleLR | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     ema: torch.optim.swa_utils.AveragedModel | None,
     grad_clip: float,
 ) -> None:
@@ -206,7 +221,7 @@ def optimizer_step(
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None and scheduler.last_epoch < scheduler.total_steps:
+    if scheduler is not None and scheduler.last_epoch < getattr(scheduler, "total_steps", math.inf):
         scheduler.step()
     if ema is not None:
         ema.update_parameters(unwrap(model))
@@ -275,9 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     criterion = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     total_steps = optimizer_steps(ctx.train_rows, world, cfg.batch_size, cfg.accumulate, cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.2
-    )
+    scheduler = make_scheduler(optimizer, cfg.lr, total_steps)
     # bf16 needs no loss scaling; the scaler is kept (disabled) so fp16 can be switched on without a new format.
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     start_epoch, history, best = 0, [], {"val_mAP": -1.0, "epoch": -1}

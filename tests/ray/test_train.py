@@ -8,14 +8,14 @@ from mlflow.tracking import MlflowClient
 
 from jobs import train as train_job
 from mltr.tracking import EPOCH_KEY, tracking_uri
-from mltr.train import TrainConfig
+from mltr.train import EMA_FILE, MODEL_FILE, TrainConfig
 from pipeline.convert import convert
 from pipeline.readers import read_index
 from pipeline.synthetic import generate
 
 pytestmark = pytest.mark.ray
 
-EPOCHS = 10
+EPOCHS = 16
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,23 @@ def test_two_workers_learn_and_a_second_start_resumes(voc_dataset, tmp_path):
     assert resumed["mlflow_run_id"] == run_id
     assert resumed["epochs"] == EPOCHS + 1
     assert epochs_in_mlflow(uri, run_id) == list(range(EPOCHS + 1))
+
+    # --init-from: a new run from the best weights, at a learning rate too small to move them,
+    # scores what they scored (one epoch from scratch sits near the label-frequency baseline).
+    weights = EMA_FILE if result["weights"] == "ema" else MODEL_FILE
+    warm = train_job.run(
+        TrainConfig(
+            **{
+                **config.__dict__,
+                "name": "warm-start",
+                "epochs": 1,
+                "lr": 1e-9,
+                "init_from": str(Path(result["checkpoint"]) / weights),
+            }
+        )
+    )
+    assert warm["mlflow_run_id"] != run_id and warm["epochs"] == 1
+    assert warm["val_mAP"] == pytest.approx(result["val_mAP"], abs=0.02), (warm, result)
 
 
 def test_bad_configuration_fails_fast_with_what_to_change(voc_dataset, tmp_path):

@@ -9,7 +9,9 @@ from mltr.model import create_model
 from mltr.train import (
     TrainConfig,
     label_frequency_baseline,
+    make_scheduler,
     micro_pr_curve,
+    optimizer_step,
     optimizer_steps,
     param_groups,
 )
@@ -61,7 +63,13 @@ def test_a_stream_smaller_than_one_batch_per_worker_is_refused():
 @pytest.mark.parametrize(
     ("rows", "world", "batch", "accumulate", "epochs", "expected"),
     # 100 rows, 2 x 16: 3 batches per epoch (3.125), a 4th every 8th epoch.
-    [(100, 2, 16, 1, 2, 6), (100, 2, 16, 2, 2, 4), (100, 2, 16, 1, 8, 25), (1000, 8, 32, 3, 1, 1), (1000, 8, 32, 2, 1, 2)],
+    [
+        (100, 2, 16, 1, 2, 6),
+        (100, 2, 16, 2, 2, 4),
+        (100, 2, 16, 1, 8, 25),
+        (1000, 8, 32, 3, 1, 1),
+        (1000, 8, 32, 2, 1, 2),
+    ],
 )
 def test_optimizer_steps_end_every_epoch_with_a_step(rows, world, batch, accumulate, epochs, expected):
     assert optimizer_steps(rows, world, batch, accumulate, epochs) == expected
@@ -85,3 +93,18 @@ def test_train_config_rejects_bad_values():
         TrainConfig(data="/d", epochs=0)
     with pytest.raises(ValueError, match="--ema-decay"):
         TrainConfig(data="/d", ema_decay=1.0)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 12, 100])
+def test_the_schedule_runs_any_number_of_steps_and_peaks_at_the_learning_rate(total):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)  # as the loop makes it
+    scheduler = make_scheduler(optimizer, 0.1, total)
+    rates = []
+    for _ in range(total + 2):  # steps past the end are not taken
+        rates.append(optimizer.param_groups[0]["lr"])
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer_step(model, optimizer, scheduler, None, grad_clip=1.0)
+    assert 0.05 < max(rates) <= 0.1 + 1e-9
+    if total >= 3:  # OneCycle: warm up from below the peak, end far below it
+        assert rates[0] < 0.05 and rates[total - 1] < 1e-3
