@@ -83,7 +83,10 @@ def ray_local(aws_env):
     """One local Ray for the session, with more logical CPUs than this machine's cores."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local": a new instance, never a cluster another test (or user) started with `ray start`.
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     yield ray
     ray.shutdown()
 
