@@ -28,6 +28,7 @@ from mltr.train import (
     MODEL_FILE,
     TRAIN_STATE,
     LoopContext,
+    SplitDataConfig,
     TrainConfig,
     label_frequency_baseline,
     train_loop_per_worker,
@@ -236,6 +237,7 @@ def run(config: TrainConfig) -> dict:
             ),
         ),
         datasets=datasets,
+        dataset_config=SplitDataConfig(equal=("train",)),
     )
     try:
         result = trainer.fit()

@@ -255,7 +255,8 @@ class MetricAccumulator:
         parts = []
         for local in (logits, packed):
             padded = torch.zeros(longest, num_classes, dtype=local.dtype, device=device)
-            padded[: local.shape[0]] = local.to(padded.device)
+            if local.shape[0]:  # a worker without rows (an unequal split) sends padding only
+                padded[: local.shape[0]] = local.to(padded.device)
             gathered = [torch.empty_like(padded) for _ in range(world)]
             dist.all_gather(gathered, padded)
             parts.append(torch.cat([g[:n].cpu() for g, n in zip(gathered, rows, strict=True)]))

@@ -122,6 +122,40 @@ class LoopContext:
     mlflow_run_id: str
 
 
+class SplitDataConfig(ray.train.DataConfig):
+    """How the datasets reach the workers: ``train`` split equally, evaluation split whole.
+
+    DDP needs the same number of steps on every worker, so the training stream is split with
+    ``equal=True`` (as Ray Train does for every dataset). Evaluation needs every row once, and
+    ``equal=True`` drops up to ``world_size - 1`` of them: the other datasets are split with
+    ``equal=False``; their metrics are gathered across workers, whatever each worker got.
+    """
+
+    def __init__(self, equal: tuple[str, ...] = ("train",)):
+        super().__init__(datasets_to_split=list(equal))
+        self.equal = frozenset(equal)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = super().configure(
+            {name: ds for name, ds in datasets.items() if name in self.equal},
+            world_size,
+            worker_handles,
+            worker_node_ids,
+            **kwargs,
+        )
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if name in self.equal:
+                continue
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[rank][name] = split
+        return output
+
+
 # --- pieces of the loop, each testable on its own -----------------------------------------------
 
 
@@ -344,7 +378,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - started
 
         val_batches = val_shard.iter_torch_batches(batch_size=cfg.batch_size * 2)
-        results = evaluate({"model": model, "ema": ema.module}, val_batches, device)
+        # Unwrapped: evaluation needs no DDP, and workers may hold different numbers of val rows.
+        results = evaluate({"model": unwrap(model), "ema": ema.module}, val_batches, device)
         model_metrics = results["model"].compute()
         ema_metrics = results["ema"].compute()
         chosen_name, chosen = max((("model", model_metrics), ("ema", ema_metrics)), key=lambda kv: kv[1].mAP)
@@ -357,6 +392,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **{f"val_{k}": v for k, v in model_metrics.as_dict().items()},
             **{f"val_ema_{k}": v for k, v in ema_metrics.as_dict().items()},
             "val_best_of_mAP": chosen.mAP,
+            "val_images": len(results["model"]),
         }
         is_best = chosen.mAP > best["val_mAP"]
         if is_best:

@@ -10,6 +10,7 @@ from jobs import train as train_job
 from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import EMA_FILE, MODEL_FILE, TrainConfig
 from pipeline.convert import convert
+from pipeline.dataset import load_manifest
 from pipeline.readers import read_index
 from pipeline.synthetic import generate
 
@@ -20,9 +21,9 @@ EPOCHS = 16
 
 @pytest.fixture(scope="module")
 def voc_dataset(ray_local, tmp_path_factory):
-    """A learnable VOC-format dataset (20 classes), converted to Parquet."""
+    """A learnable VOC-format dataset (20 classes), converted to Parquet: 183 train, 61 val rows."""
     root = tmp_path_factory.mktemp("voc-train")
-    generate("voc", root / "src", 240, seed=1)
+    generate("voc", root / "src", 244, seed=1)
     convert(read_index("voc", str(root / "src")), str(root / "ds"), rows_per_shard=40)
     return str(root / "ds" / "voc")
 
@@ -60,6 +61,8 @@ def test_two_workers_learn_and_a_second_start_resumes(voc_dataset, tmp_path):
     assert run.data.params["model"] == "mltr_tiny" and run.data.params["epochs"] == str(EPOCHS)
     assert run.data.tags["mltr.dataset_fingerprint"].startswith("sha256:")
     assert len(client.get_metric_history(run_id, "val_mAP")) == EPOCHS
+    # Every val row was evaluated, though 61 rows do not split equally over 2 workers.
+    assert run.data.metrics["val_images"] == load_manifest(voc_dataset).rows("val") == 61
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert artifacts == {"evaluation/per_class_ap.csv", "evaluation/precision_recall.png"}
     classes = json.loads(Path(client.download_artifacts(run_id, "model_info/classes.json")).read_text())
@@ -106,7 +109,7 @@ def test_bad_configuration_fails_fast_with_what_to_change(voc_dataset, tmp_path)
         run(window_size=5)
     with pytest.raises(ValueError, match="need 10: lower --num-workers"):
         run(num_workers=4, cpus_per_worker=2)  # + 1 decode actor + 1 CPU for validation; 4 CPUs here
-    with pytest.raises(ValueError, match="180 rows, fewer than one batch per worker"):
+    with pytest.raises(ValueError, match="183 rows, fewer than one batch per worker"):
         run(batch_size=128)
     from pipeline.dataset import DatasetNotFound
 

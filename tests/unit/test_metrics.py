@@ -150,27 +150,33 @@ def test_accumulator_equals_one_shot():
     assert acc.gather() is acc  # not distributed: a no-op
 
 
-def _gather_worker(rank: int, world: int, init_file: str, queue) -> None:
+def _gather_worker(rank: int, world: int, init_file: str, queue, first_share: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         scores, targets, ignore = make(5, tied=True)
-        rows = slice(0, 170) if rank == 0 else slice(170, N)  # unequal shares: padding is trimmed
+        rows = slice(0, first_share) if rank == 0 else slice(first_share, N)  # unequal: padding is trimmed
         acc = MetricAccumulator()
-        acc.update(
-            torch.from_numpy(scores[rows]), torch.from_numpy(targets[rows]), torch.from_numpy(ignore[rows])
-        )
+        if rows.stop > rows.start:
+            acc.update(
+                torch.from_numpy(scores[rows]),
+                torch.from_numpy(targets[rows]),
+                torch.from_numpy(ignore[rows]),
+            )
         gathered = acc.gather()
         queue.put((rank, len(gathered), gathered.compute().mAP))
     finally:
         dist.destroy_process_group()
 
 
-def test_gather_across_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("first_share", [170, 0])  # 0: one worker got no rows at all
+def test_gather_across_two_gloo_processes(tmp_path, first_share):
     # Forked rather than spawned: two spawned children each import torch again (10-30 s on a busy 2-core
     # machine); forked ones are the same real two-process gloo group and start at once.
     ctx = mp.get_context("fork")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "init"), queue), nprocs=2, start_method="fork")
+    mp.start_processes(
+        _gather_worker, args=(2, str(tmp_path / "init"), queue, first_share), nprocs=2, start_method="fork"
+    )
     results = sorted(queue.get() for _ in range(2))
     scores, targets, ignore = make(5, tied=True)
     expected = mean_average_precision(scores, targets, ignore)[0]
