@@ -34,7 +34,7 @@ from mltr.train import (
     train_loop_per_worker,
 )
 from pipeline.dataset import load_manifest, read_split
-from pipeline.ingest import IngestConfig, build_dataset, multi_hot
+from pipeline.ingest import IngestConfig, build_dataset, epoch_batches, multi_hot
 from pipeline.storage import resolve
 
 log = logging.getLogger("jobs.train")
@@ -165,11 +165,10 @@ def run(config: TrainConfig) -> dict:
         manifest.rows(split)  # names the missing split
     model_cfg = model_config(config, manifest.num_classes)
     workdir = Path(config.workdir).resolve()
-    if manifest.rows("train") < config.num_workers * config.batch_size:
-        raise ValueError(
-            f"the train split has {manifest.rows('train')} rows, fewer than one batch per worker "
-            f"({config.num_workers} x {config.batch_size}): lower --batch-size or --num-workers"
-        )
+    try:  # the workers cut the training stream into epochs with it: refuse here what they would
+        epoch_batches(manifest.rows("train"), config.num_workers, config.batch_size, 0)
+    except ValueError as exc:
+        raise ValueError(f"the train split: {exc}: lower --batch-size or --num-workers") from None
     init_ray(config.address, num_cpus=local_cpus(config))
     actors = decode_actors(config, ray.cluster_resources().get("CPU", 0))
     check_resources(config, actors)

@@ -123,7 +123,7 @@ class LoopContext:
 
 
 class SplitDataConfig(ray.train.DataConfig):
-    """How the datasets reach the workers: ``train`` split equally, evaluation split whole.
+    """How the datasets reach the workers: ``train`` split equally, the others so every row is read once.
 
     DDP needs the same number of steps on every worker, so the training stream is split with
     ``equal=True`` (as Ray Train does for every dataset). Evaluation needs every row once, and

@@ -109,7 +109,9 @@ def test_bad_configuration_fails_fast_with_what_to_change(voc_dataset, tmp_path)
         run(window_size=5)
     with pytest.raises(ValueError, match="need 10: lower --num-workers"):
         run(num_workers=4, cpus_per_worker=2)  # + 1 decode actor + 1 CPU for validation; 4 CPUs here
-    with pytest.raises(ValueError, match="183 rows, fewer than one batch per worker"):
+    with pytest.raises(
+        ValueError, match="183 rows per epoch cannot fill one batch of 128 on each of 2 workers"
+    ):
         run(batch_size=128)
     from pipeline.dataset import DatasetNotFound
 
