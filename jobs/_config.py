@@ -3,6 +3,12 @@
 Every job declares one dataclass; :func:`parse_config` builds the argparse parser from its
 fields (help text from ``field(metadata={"help": ...})``), applies an optional YAML preset
 (``--config``) and lets every flag override it.
+
+A job config may be composed of component dataclasses (the training job: model, optimisation,
+augmentation, data, scaling, run), the way torchtitan composes its job config. A field whose type
+is a dataclass is a component: its fields become flags of their own, flat (``--lr``, not
+``--optim.lr``), named after the field or its ``metadata["flag"]``; presets use the same flat
+names. Flag names are unique across a job's components.
 """
 
 from __future__ import annotations
@@ -22,13 +28,75 @@ T = TypeVar("T")
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
-def opt(default: Any, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with help text for the generated CLI."""
+def opt(default: Any, help: str = "", flag: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with help text (and optionally another flag name) for the generated CLI."""
+    metadata = {"help": help, **({"flag": flag} if flag else {})}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
-        )
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def component(cls: type) -> Any:
+    """A field holding a component config (its fields become the job's flags); defaults to ``cls()``."""
+    return dataclasses.field(default_factory=cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One flag: a non-component field of the job config or of one of its components."""
+
+    flag: str  # its name with underscores: "--crop-min-scale" is "crop_min_scale"
+    field: dataclasses.Field
+    type: Any  # the field's resolved type
+
+
+def _leaves(cls: type) -> list[_Leaf]:
+    hints = typing.get_type_hints(cls)
+    out: list[_Leaf] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaves(tp)
+        else:
+            out.append(_Leaf(f.metadata.get("flag", f.name), f, tp))
+    seen: dict[str, int] = {}
+    for leaf in out:
+        seen[leaf.flag] = seen.get(leaf.flag, 0) + 1
+    clashes = sorted(name for name, n in seen.items() if n > 1)
+    if clashes:
+        raise TypeError(f"{cls.__name__}: flag names used by more than one field: {', '.join(clashes)}")
+    return out
+
+
+def from_flat(cls: type[T], values: dict[str, Any]) -> T:
+    """Build ``cls`` (components included) from flat flag-named values; missing ones keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = from_flat(hints[f.name], values)
+        elif f.metadata.get("flag", f.name) in values:
+            kwargs[f.name] = values[f.metadata.get("flag", f.name)]
+    return cls(**kwargs)
+
+
+def _flat(config: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat(value))
+        else:
+            out[f.metadata.get("flag", f.name)] = value
+    return out
+
+
+def replace_flat(config: T, **values: Any) -> T:
+    """A copy of ``config`` with some flat flag-named values changed: ``replace_flat(cfg, epochs=3)``."""
+    unknown = sorted(set(values) - {leaf.flag for leaf in _leaves(type(config))})
+    if unknown:
+        raise TypeError(f"{type(config).__name__} has no flag(s) {', '.join(unknown)}")
+    return from_flat(type(config), {**_flat(config), **values})
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -59,9 +127,9 @@ def _converter(tp: Any):
     raise TypeError(f"unsupported config field type: {tp!r}")
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
+def _coerce(leaf: _Leaf, value: Any) -> Any:
     """Convert a YAML value to the field's type (lists become tuples)."""
-    tp, _ = _unwrap_optional(typing.get_type_hints(cls)[name])
+    tp, _ = _unwrap_optional(leaf.type)
     if value is None:
         return None
     if typing.get_origin(tp) in (tuple, list):
@@ -83,16 +151,16 @@ def build_parser(
         default=None,
         help=f"YAML preset: a path, or the name of a file in {PRESETS_DIR.name}/ (flags override it)",
     )
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, optional = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+    for leaf in _leaves(cls):
+        f = leaf.field
+        tp, optional = _unwrap_optional(leaf.type)
+        flag = "--" + leaf.flag.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         # Defaults stay with the dataclass (SUPPRESS keeps unset flags out of the namespace, so a
         # preset can fill them); the help text still shows them.
         shown = f" (default: {default})" if default not in (None, "", ()) else ""
         kwargs: dict[str, Any] = {
-            "dest": f.name,
+            "dest": leaf.flag,
             "help": f.metadata.get("help", "") + shown,
             "default": argparse.SUPPRESS,
         }
@@ -104,7 +172,7 @@ def build_parser(
             if choices:
                 kwargs["choices"] = choices
             if optional:
-                kwargs["metavar"] = f.name.upper()
+                kwargs["metavar"] = leaf.flag.upper()
             parser.add_argument(flag, **kwargs)
     return parser
 
@@ -134,21 +202,21 @@ def parse_config(
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     preset = args.pop("config", None)
-    names = {f.name for f in dataclasses.fields(cls)}
+    leaves = {leaf.flag: leaf for leaf in _leaves(cls)}
     if preset:
         for key, value in _load_preset(preset, job).items():
             name = key.replace("-", "_")
-            if name not in names:
-                parser.error(f"preset {preset!r}: unknown field {key!r} (known: {', '.join(sorted(names))})")
-            values[name] = _coerce(cls, name, value)
+            if name not in leaves:
+                parser.error(f"preset {preset!r}: unknown field {key!r} (known: {', '.join(sorted(leaves))})")
+            values[name] = _coerce(leaves[name], value)
     values.update(args)
     try:
-        return cls(**values)
+        return from_flat(cls, values)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A flat JSON-able dict of a config (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """A flat JSON-able dict of a config, keyed by flag name (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _flat(config).items()}

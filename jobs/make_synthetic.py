@@ -25,6 +25,9 @@ class SyntheticConfig:
     seed: int = opt(0, "random seed: the same seed writes the same dataset")
     faults: bool = opt(False, "add corrupt, truncated, missing, grayscale, CMYK and PNG files, and bad XML")
     layout: Literal["official", "csv"] = opt("official", "NUS-WIDE only: 'csv' writes filename,label,split")
+    classes: int | None = opt(
+        None, "draw only this many classes, each with a look of its own: a set a tiny model learns in minutes"
+    )
 
     def __post_init__(self):
         if not self.out:
@@ -32,7 +35,15 @@ class SyntheticConfig:
 
 
 def run(config: SyntheticConfig) -> dict:
-    truth = generate(config.format, config.out, config.images, config.seed, config.faults, config.layout)
+    truth = generate(
+        config.format,
+        config.out,
+        config.images,
+        config.seed,
+        config.faults,
+        config.layout,
+        classes=config.classes,
+    )
     outcomes = Counter(im.outcome for im in truth.images)
     return {"format": truth.format, "layout": truth.layout, "root": config.out, "outcomes": dict(outcomes)}
 

@@ -3,272 +3,297 @@
     python -m jobs.train --data s3://bucket/datasets/coco --model mltr_s --num-workers 8 --use-gpu
     python -m jobs.train --config coco --data s3://bucket/datasets/coco   # preset: jobs/presets/train/coco.yaml
 
-Ends with one JSON line: val_mAP, epochs, mlflow_run_id, checkpoint, ...
+parse -> :func:`resolve` (manifest, calibration split, model config: read once, on the driver)
+-> :func:`start` (Ray, the MLflow run, the datasets) -> ``mltr.trainer.build_trainer`` -> fit ->
+:func:`report`. Ends with one JSON line: calib_mAP, val_mAP, epochs, mlflow_run_id, checkpoint, ...
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from mlflow.tracking import MlflowClient
 
-from jobs._config import parse_config
+from jobs._config import component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr import tracking
-from mltr.model import VARIANTS, MlTrConfig
-from mltr.train import (
-    EMA_FILE,
-    MODEL_FILE,
-    TRAIN_STATE,
-    LoopContext,
-    SplitDataConfig,
-    TrainConfig,
-    label_frequency_baseline,
-    train_loop_per_worker,
-)
-from pipeline.dataset import load_manifest, read_split
-from pipeline.ingest import IngestConfig, build_dataset, epoch_batches, multi_hot
-from pipeline.storage import resolve
+from mltr.config import ModelArgs, OptimConfig, ScalingArgs
+from mltr.model import MlTrConfig
+from mltr.train import epoch_batches, label_frequency_baseline
+from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer
+from pipeline.dataset import CalibSplit, Manifest, load_manifest, plan_calibration
+from pipeline.ingest import AugmentConfig, IngestConfig, build_dataset, multi_hot
+from pipeline.storage import resolve as resolve_storage
 
 log = logging.getLogger("jobs.train")
 
-VAL_CPUS = 1  # CPUs left free for the validation pass's Ray Data tasks beside the decode actors
+EVAL_CPUS = 1  # CPUs left free for the evaluation passes' Ray Data tasks beside the decode actors
 
 
-def model_config(config: TrainConfig, num_classes: int) -> MlTrConfig:
-    """The model the run will build, validated before any worker starts."""
-    if config.model not in VARIANTS:
-        raise ValueError(f"unknown model {config.model!r}; choose one of: {', '.join(VARIANTS)}")
-    return dataclasses.replace(VARIANTS[config.model], **config.model_overrides(num_classes))
+@dataclass(frozen=True)
+class DataArgs:
+    """Which dataset, how its train split is cut, and how it is fed."""
+
+    uri: str = opt(
+        "", "converted dataset: <out>/<dataset> as written by preprocess (local or s3://)", flag="data"
+    )
+    calib_fraction: float = opt(
+        0.1, "fraction of train held out (by a hash of image_id) to choose the epoch, weights and thresholds"
+    )
+    calib_max: int = opt(5000, "at most this many calibration images")
+    shuffle_buffer: int = opt(256, "rows in each worker's local shuffle buffer")
+    decode_actors: int | None = opt(
+        None,
+        "Ray Data actors (one CPU each) decoding and augmenting the training stream "
+        "(default: the cluster's CPUs beside the Train workers, less one for evaluation)",
+    )
+
+    def __post_init__(self):
+        if not self.uri:
+            raise ValueError("--data is required: the converted dataset, <out>/<dataset>")
+        if not 0.0 < self.calib_fraction < 1.0:
+            raise ValueError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
+        if self.calib_max < 1:
+            raise ValueError(f"--calib-max must be at least 1, got {self.calib_max}")
+        if self.decode_actors is not None and self.decode_actors < 1:
+            raise ValueError(f"--decode-actors must be at least 1, got {self.decode_actors}")
 
 
-def train_cpus(config: TrainConfig) -> int:
-    return math.ceil(config.num_workers * config.cpus_per_worker)
+@dataclass(frozen=True)
+class RunArgs:
+    """Where the run lives: its name, storage, MLflow, the Ray cluster."""
+
+    name: str | None = opt(
+        None, "run name; the same name again resumes it (default: <dataset>-<model>-<time>)"
+    )
+    workdir: str = opt("work", "local folder for the embedded defaults (Ray results, MLflow SQLite store)")
+    storage: str | None = opt(
+        None, "checkpoints and Ray results: a folder or s3://bucket/prefix (default: <workdir>/ray_results)"
+    )
+    max_failures: int = opt(0, "worker failures survived by restarting from the last checkpoint")
+    mlflow_uri: str | None = opt(
+        None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in workdir)"
+    )
+    experiment: str = opt("mltr", "MLflow experiment")
+    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train MlTr on a converted dataset with Ray Train (DDP) and track it in MLflow."""
+
+    model: ModelArgs = component(ModelArgs)
+    optim: OptimConfig = component(OptimConfig)
+    augment: AugmentConfig = component(AugmentConfig)
+    data: DataArgs = component(DataArgs)
+    scaling: ScalingArgs = component(ScalingArgs)
+    run: RunArgs = component(RunArgs)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the driver reads and decides once, before Ray starts: every later step uses it."""
+
+    config: TrainConfig
+    manifest: Manifest
+    model: MlTrConfig
+    calib: CalibSplit
+    baseline_mAP: float  # the label-frequency baseline on val (train frequencies, calibration rows excluded)
+
+
+def resolve(config: TrainConfig) -> Resolved:
+    """Read the manifest and the labels once; cut the calibration split; check what the workers would refuse."""
+    manifest = load_manifest(config.data.uri)
+    for split in ("train", "val"):
+        manifest.rows(split)  # names the missing split
+    model = config.model.resolve(manifest.num_classes)
+    train = manifest.read_columns("train", ["image_id", "labels", "ignore"])
+    val = manifest.read_columns("val", ["labels", "ignore"])
+    calib = plan_calibration(train["image_id"].to_pylist(), config.data.calib_fraction, config.data.calib_max)
+    try:  # the workers cut the training stream into epochs with it: refuse here what they would
+        epoch_batches(calib.fit_rows, config.scaling.num_workers, config.optim.batch_size, 0)
+    except ValueError as exc:
+        raise ValueError(
+            f"the train split less its {calib.calib_rows} calibration rows: {exc}: "
+            f"lower --batch-size or --num-workers"
+        ) from None
+    fit = calib.fit.mask(train["image_id"].to_pylist())
+    train_targets, _ = multi_hot(
+        train["labels"].to_pylist(), train["ignore"].to_pylist(), manifest.num_classes
+    )
+    val_targets, val_ignore = multi_hot(
+        val["labels"].to_pylist(), val["ignore"].to_pylist(), manifest.num_classes
+    )
+    baseline = label_frequency_baseline(train_targets[fit], val_targets, val_ignore)
+    return Resolved(config, manifest, model, calib, baseline)
+
+
+def train_cpus(scaling: ScalingArgs) -> int:
+    return math.ceil(scaling.num_workers * scaling.cpus_per_worker)
 
 
 def local_cpus(config: TrainConfig) -> int:
-    """Logical CPUs for a local Ray: the Train workers, a decode actor per core, and validation.
+    """Logical CPUs for a local Ray: the Train workers, a decode actor per core, and evaluation.
 
     More than the machine's cores on a small machine: the Train workers wait on each other and on
     their data, and an idle reservation would leave a core unused.
     """
     cores = os.cpu_count() or 1
-    return max(cores, train_cpus(config) + (config.decode_actors or cores) + VAL_CPUS)
+    return max(cores, train_cpus(config.scaling) + (config.data.decode_actors or cores) + EVAL_CPUS)
 
 
 def decode_actors(config: TrainConfig, cluster_cpus: float) -> int:
-    """``--decode-actors``, else every CPU the cluster has beside the Train workers and validation."""
-    if config.decode_actors is not None:
-        return config.decode_actors
-    return max(1, math.floor(cluster_cpus) - train_cpus(config) - VAL_CPUS)
+    """``--decode-actors``, else every CPU the cluster has beside the Train workers and evaluation."""
+    if config.data.decode_actors is not None:
+        return config.data.decode_actors
+    return max(1, math.floor(cluster_cpus) - train_cpus(config.scaling) - EVAL_CPUS)
 
 
-def check_resources(config: TrainConfig, actors: int) -> None:
+def check_resources(scaling: ScalingArgs, actors: int) -> None:
     """Fail fast when the cluster cannot place the workers and the decode actors."""
     import ray
 
     total = ray.cluster_resources()
-    need_cpu = train_cpus(config) + actors + VAL_CPUS
+    need_cpu = train_cpus(scaling) + actors + EVAL_CPUS
     if total.get("CPU", 0) < need_cpu:
         raise ValueError(
-            f"the cluster has {total.get('CPU', 0):g} CPUs; {config.num_workers} workers x "
-            f"{config.cpus_per_worker:g} CPUs, {actors} decode actors and {VAL_CPUS} CPU for validation "
+            f"the cluster has {total.get('CPU', 0):g} CPUs; {scaling.num_workers} workers x "
+            f"{scaling.cpus_per_worker:g} CPUs, {actors} decode actors and {EVAL_CPUS} CPU for evaluation "
             f"need {need_cpu:g}: lower --num-workers, --cpus-per-worker or --decode-actors, or add nodes"
         )
-    if config.use_gpu and total.get("GPU", 0) < config.num_workers:
+    if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
         raise ValueError(
-            f"--use-gpu needs one GPU per worker: {config.num_workers} workers, the cluster has "
+            f"--use-gpu needs one GPU per worker: {scaling.num_workers} workers, the cluster has "
             f"{total.get('GPU', 0):g} GPUs; lower --num-workers or add GPU nodes"
         )
 
 
-def frequency_baseline(uri: str, num_classes: int) -> float:
-    """mAP of the label-frequency baseline on the dataset's val split (labels only are read)."""
+def data_plan(resolved: Resolved, actors: int) -> DataPlan:
+    """The run's datasets, from the manifest already read: train less calibration (every epoch), calib, val."""
+    config, manifest, model = resolved.config, resolved.manifest, resolved.model
 
-    def split_targets(split: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = read_split(uri, split, columns=["labels", "ignore"]).take_all()
-        return multi_hot([r["labels"] for r in rows], [r["ignore"] for r in rows], num_classes)
+    def ingest(augment: AugmentConfig | None) -> IngestConfig:
+        return IngestConfig(manifest.num_classes, model.image_size, augment=augment, resize=model.resize)
 
-    train, _ = split_targets("train")
-    val, val_ignore = split_targets("val")
-    return label_frequency_baseline(train, val, val_ignore)
-
-
-def log_final_model(client, run_id: str, checkpoint_dir: Path, classes: list[str], image_size: int) -> dict:
-    """Log the best weights as an MLflow model (signature, input example, classes, thresholds) plus reports."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from mltr.checkpoint import load_model
-
-    state = torch.load(checkpoint_dir / TRAIN_STATE, map_location="cpu", weights_only=False)
-    weights_file = EMA_FILE if state["weights"] == "ema" else MODEL_FILE
-    model = load_model(checkpoint_dir / weights_file)
-    thresholds = state["thresholds"]  # calibrated on val for the chosen weights
-    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    per_class = state["per_class_ap"][state["weights"]]
-    tracking.log_table(
-        client,
-        run_id,
-        [
-            {"class_index": i, "class": name, "ap": per_class[i], "threshold": thresholds[i]}
-            for i, name in enumerate(classes)
-        ],
-        "evaluation/per_class_ap.csv",
-    )
-    recall, precision = state["pr_curve"]
-    tracking.log_pr_plot(
-        client,
-        run_id,
-        {f"epoch {state['best']['epoch']} ({state['weights']})": (recall, precision)},
-        "evaluation/precision_recall.png",
-    )
-    tracking.log_json(
-        client, run_id, {"classes": classes, "thresholds": thresholds}, "model_info/classes.json"
-    )
-    with tracking.tracking_uri(client.tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            # Pickle keeps the batch dimension free (pt2 export specialises it to the example's);
-            # loading needs the mltr package, which every stage that serves the model has.
-            serialization_format="pickle",
-            metadata={
-                "classes": classes,
-                "thresholds": thresholds,
-                "image_size": image_size,
-                "weights": state["weights"],
-            },
-        )
-    return {"model_uri": info.model_uri, "weights": state["weights"], "best_epoch": state["best"]["epoch"]}
+    datasets = {
+        "train": build_dataset(
+            manifest,
+            "train",
+            ingest(config.augment),
+            rows=resolved.calib.fit,
+            passes=config.optim.epochs,
+            decode_actors=actors,
+        ),
+        "calib": build_dataset(manifest, "train", ingest(None), rows=resolved.calib.calib),
+        "val": build_dataset(manifest, "val", ingest(None)),
+    }
+    return DataPlan(datasets, train_rows=resolved.calib.fit_rows, shuffle_buffer=config.data.shuffle_buffer)
 
 
-def run(config: TrainConfig) -> dict:
+def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
+    """Connect to Ray, open (or reopen) the MLflow run and build the datasets: the resolved run."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    manifest = load_manifest(config.data)
-    for split in ("train", "val"):
-        manifest.rows(split)  # names the missing split
-    model_cfg = model_config(config, manifest.num_classes)
-    workdir = Path(config.workdir).resolve()
-    try:  # the workers cut the training stream into epochs with it: refuse here what they would
-        epoch_batches(manifest.rows("train"), config.num_workers, config.batch_size, 0)
-    except ValueError as exc:
-        raise ValueError(f"the train split: {exc}: lower --batch-size or --num-workers") from None
-    init_ray(config.address, num_cpus=local_cpus(config))
+    config, manifest = resolved.config, resolved.manifest
+    init_ray(config.run.address, num_cpus=local_cpus(config))
     actors = decode_actors(config, ray.cluster_resources().get("CPU", 0))
-    check_resources(config, actors)
+    check_resources(config.scaling, actors)
 
-    name = config.name or f"{manifest.name}-{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    mlflow_uri = config.mlflow_uri or tracking.default_tracking_uri(workdir)
+    workdir = Path(config.run.workdir).resolve()
+    name = (
+        config.run.name
+        or f"{manifest.name}-{config.model.variant}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    )
+    mlflow_uri = config.run.mlflow_uri or tracking.default_tracking_uri(workdir)
     client = MlflowClient(mlflow_uri)
     artifact_root = (workdir / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None
-    experiment_id = tracking.ensure_experiment(client, config.experiment, artifact_root)
-    params = {k: v for k, v in config.__dict__.items()} | {"resolved_image_size": model_cfg.image_size}
+    experiment_id = tracking.ensure_experiment(client, config.run.experiment, artifact_root)
+    params = to_dict(config) | {
+        "resolved_image_size": resolved.model.image_size,
+        "resolved_window_size": resolved.model.window_size,
+        "calib_rows": resolved.calib.calib_rows,
+        "train_rows": resolved.calib.fit_rows,
+    }
     tags = {
         "mltr.dataset": manifest.name,
-        "mltr.dataset_uri": config.data,
+        "mltr.dataset_uri": config.data.uri,
         "mltr.dataset_fingerprint": manifest.fingerprint,
-        "mltr.model": config.model,
+        "mltr.model": config.model.variant,
     }
     run_id, resumed = tracking.start_or_resume_run(client, experiment_id, name, params, tags)
     log.info("MLflow run %s (%s) in %s", run_id, "resumed" if resumed else "new", mlflow_uri)
+    client.log_metric(run_id, "label_frequency_baseline_mAP", resolved.baseline_mAP)
 
-    storage = resolve(config.storage or str(workdir / "ray_results"))
-    ctx = LoopContext(
-        config=config,
-        num_classes=manifest.num_classes,
-        image_size=model_cfg.image_size,
-        train_rows=manifest.rows("train"),
+    storage = resolve_storage(config.run.storage or str(workdir / "ray_results"))
+    run = TrainRun(
+        name=name,
+        model=resolved.model,
+        optim=config.optim,
+        data=data_plan(resolved, actors),
+        scaling=config.scaling,
+        storage_path=storage.path,
+        storage_filesystem=storage.fs if storage.scheme == "s3" else None,
         mlflow_uri=mlflow_uri,
         mlflow_run_id=run_id,
+        max_failures=config.run.max_failures,
+        init_from=config.model.init_from,
     )
-    datasets = {
-        "train": build_dataset(
-            config.data,
-            "train",
-            IngestConfig(
-                num_classes=manifest.num_classes,
-                image_size=model_cfg.image_size,
-                train=True,
-                randaugment=config.randaugment,
-                crop_scale=(config.crop_min_scale, 1.0),
-                erase_p=config.cutout_p,
-            ),
-            passes=config.epochs,
-            decode_actors=actors,
-        ),
-        "val": build_dataset(
-            config.data,
-            "val",
-            IngestConfig(num_classes=manifest.num_classes, image_size=model_cfg.image_size, train=False),
-        ),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"ctx": ctx},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage.path,
-            storage_filesystem=storage.fs if storage.scheme == "s3" else None,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_best_of_mAP", checkpoint_score_order="max"
-            ),
-        ),
-        datasets=datasets,
-        dataset_config=SplitDataConfig(equal=("train",)),
-    )
+    return run, client
+
+
+def fit(run: TrainRun, client: MlflowClient):
+    """Train; the MLflow run is marked FAILED if training fails."""
     try:
-        result = trainer.fit()
+        return build_trainer(run).fit()
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run.mlflow_run_id, status="FAILED")
         raise
-    best = result.get_best_checkpoint("val_best_of_mAP", "max") or result.checkpoint
-    if best is None:
-        raise RuntimeError(f"run {name} finished without a checkpoint")
+
+
+def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> dict:
+    """Log the selected model and its figures, close the MLflow run, and say what was trained."""
+    best = best_checkpoint(result)
     with best.as_directory() as folder:
-        final = log_final_model(client, run_id, Path(folder), manifest.classes, model_cfg.image_size)
+        final = tracking.log_final_model(
+            client, run.mlflow_run_id, Path(folder), list(resolved.manifest.classes)
+        )
+    client.set_terminated(run.mlflow_run_id, status="FINISHED")
     metrics = result.metrics or {}
-    baseline = frequency_baseline(config.data, manifest.num_classes)
-    client.log_metric(run_id, "label_frequency_baseline_mAP", baseline)
-    client.set_terminated(run_id, status="FINISHED")
-    best_metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), metrics)
+    storage = "s3://" if run.storage_filesystem is not None else ""
     return {
-        "val_mAP": best_metrics.get("val_best_of_mAP"),
-        "val_mAP_last": metrics.get("val_mAP"),
-        "val_ema_mAP_last": metrics.get("val_ema_mAP"),
-        "label_frequency_baseline_mAP": baseline,
-        "epochs": (metrics.get("epoch", -1) + 1),
-        "train_images_per_s_per_worker": metrics.get("train_images_per_s_per_worker"),
-        "data_wait_s": metrics.get("data_wait_s"),
+        "calib_mAP": final["calib_mAP"],
+        "val_mAP": final["val_mAP"],
+        "val_CF1": final["val_CF1"],
+        "val_OF1": final["val_OF1"],
         "best_epoch": final["best_epoch"],
         "weights": final["weights"],
-        "mlflow_run_id": run_id,
-        "mlflow_uri": mlflow_uri,
+        "label_frequency_baseline_mAP": resolved.baseline_mAP,
+        "epochs": metrics.get("epoch", -1) + 1,
+        "val_model_mAP_last": metrics.get("val_model_mAP"),
+        "val_ema_mAP_last": metrics.get("val_ema_mAP"),
+        "train_images_per_s_per_worker": metrics.get("train_images_per_s_per_worker"),
+        "data_wait_s": metrics.get("data_wait_s"),
+        "calib_rows": resolved.calib.calib_rows,
+        "train_rows": resolved.calib.fit_rows,
+        "mlflow_run_id": run.mlflow_run_id,
+        "mlflow_uri": run.mlflow_uri,
         "model_uri": final["model_uri"],
-        "checkpoint": f"{'s3://' if storage.scheme == 's3' else ''}{best.path}",
-        "name": name,
+        "checkpoint": f"{storage}{best.path}",
+        "name": run.name,
     }
+
+
+def run(config: TrainConfig) -> dict:
+    resolved = resolve(config)
+    train_run, client = start(resolved)
+    result = fit(train_run, client)
+    return report(resolved, train_run, client, result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -154,3 +155,69 @@ def load_pretrained(model: MlTr, source: PathLike | Mapping[str, Any]) -> LoadRe
     model.load_state_dict(loadable, strict=False)
     missing = [k for k in targets if k not in loadable]
     return LoadResult(missing, unexpected)
+
+
+# --- the training state: what a checkpoint holds beside the weights -----------------------------------
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Selection:
+    """What one epoch would ship, chosen on the calibration split: weights, thresholds, and their scores.
+
+    ``weights`` (the model or its EMA) scored the higher calibration mAP; ``thresholds`` are that
+    model's per-class F1-optimal thresholds on the calibration split. ``val`` holds its validation
+    figures (mAP, and CP..OF1 at those thresholds): reported, never used to choose.
+    """
+
+    weights: str  # "model" or "ema"
+    calib_mAP: float
+    thresholds: list[float]
+    val: dict[str, float]
+    calib_per_class_ap: list[float]
+    val_per_class_ap: list[float]
+    val_pr_curve: tuple[list[float], list[float]]  # micro-averaged (recall, precision) on val
+
+    @property
+    def val_mAP(self) -> float:
+        return self.val["mAP"]
+
+
+@dataclass
+class TrainState:
+    """The checkpoint's training state: written by the loop every epoch, read by resume and final logging.
+
+    Saved with :meth:`save` as plain containers and tensors, read with ``torch.load(weights_only=True)``:
+    a state file from a shared bucket cannot run code.
+    """
+
+    epoch: int  # the epoch this checkpoint ends
+    selection: Selection  # this epoch's choice
+    best_epoch: int  # the epoch, so far, whose selection scored the highest calibration mAP
+    best_calib_mAP: float
+    history: list[dict[str, Any]]  # {"epoch": e, "metrics": {...}} for every epoch so far
+    rng: dict[str, Any]  # see mltr.train.rng_state
+    ema: dict[str, Any]  # state dicts of the EMA, optimiser, schedule and grad scaler
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+
+    def save(self, path: PathLike) -> None:
+        # Shallow: dataclasses.asdict would deep-copy every optimiser tensor first.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["selection"] = dataclasses.asdict(self.selection)
+        payload = {"format": "mltr-train-state", "version": STATE_VERSION, **fields}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        with open_file(path, "wb") as f:
+            f.write(buffer.getbuffer())
+
+    @classmethod
+    def load(cls, path: PathLike) -> TrainState:
+        payload = dict(_read(path))
+        if payload.pop("format", None) != "mltr-train-state" or payload.pop("version", None) != STATE_VERSION:
+            raise ValueError(f"{os.fspath(path)} is not an MlTr training state of version {STATE_VERSION}")
+        selection = payload.pop("selection")
+        selection["val_pr_curve"] = tuple(selection["val_pr_curve"])
+        return cls(selection=Selection(**selection), **payload)

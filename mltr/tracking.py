@@ -10,6 +10,7 @@ replayed after a restart, never shows an epoch twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -157,3 +158,100 @@ def log_pr_plot(
         fig.savefig(path, bbox_inches="tight")
         plt.close(fig)
         _log_file(client, run_id, path, artifact_file)
+
+
+def log_final_model(client: MlflowClient, run_id: str, checkpoint_dir: Path, classes: list[str]) -> dict:
+    """Log a checkpoint's selected weights as the run's MLflow model, with the selection's figures.
+
+    The checkpoint's :class:`~mltr.checkpoint.TrainState` says which weights its epoch chose on the
+    calibration split, their thresholds and their scores. Logged: the final metrics (``calib_mAP``,
+    and ``val_mAP`` and CP..OF1 at the calibrated thresholds), a per-class table, the
+    validation precision-recall plot, and the model with its classes, thresholds and input
+    contract in its metadata. Returns the figures and the model's URI.
+    """
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from mltr.checkpoint import TrainState, load_model
+    from mltr.train import STATE_FILE, WEIGHT_FILES
+
+    state = TrainState.load(checkpoint_dir / STATE_FILE)
+    chosen = state.selection
+    model = load_model(checkpoint_dir / WEIGHT_FILES[chosen.weights])
+    figures = {"calib_mAP": chosen.calib_mAP, **{f"val_{k}": v for k, v in chosen.val.items()}}
+    now = int(time.time() * 1000)
+    # Metrics and tags, not params: a resumed run with more epochs may select another epoch.
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in {**figures, "best_epoch": state.epoch}.items()],
+        tags=[
+            RunTag("mltr.selected_epoch", str(state.epoch)),
+            RunTag("mltr.selected_weights", chosen.weights),
+        ],
+    )
+    log_table(
+        client,
+        run_id,
+        [
+            {
+                "class_index": i,
+                "class": name,
+                "calib_ap": chosen.calib_per_class_ap[i],
+                "val_ap": chosen.val_per_class_ap[i],
+                "threshold": chosen.thresholds[i],
+            }
+            for i, name in enumerate(classes)
+        ],
+        "evaluation/per_class_ap.csv",
+    )
+    log_pr_plot(
+        client,
+        run_id,
+        {f"epoch {state.epoch} ({chosen.weights})": chosen.val_pr_curve},
+        "evaluation/precision_recall.png",
+    )
+    contract = model.config.input_contract()
+    log_json(
+        client,
+        run_id,
+        {"classes": classes, "thresholds": chosen.thresholds, "input": contract},
+        "model_info/classes.json",
+    )
+    size = model.config.image_size
+    example = np.zeros((1, model.config.in_chans, size, size), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    with tracking_uri(client.tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, output),
+            input_example=example,
+            # Pickle keeps the batch dimension free (pt2 export specialises it to the example's);
+            # loading needs the mltr package, which every stage that serves the model has.
+            serialization_format="pickle",
+            metadata={
+                "classes": classes,
+                "thresholds": chosen.thresholds,
+                "input": contract,
+                "model_config": _jsonable(dataclasses.asdict(model.config)),
+                "weights": chosen.weights,
+                "epoch": state.epoch,
+            },
+        )
+    return {
+        **figures,
+        "best_epoch": state.epoch,
+        "weights": chosen.weights,
+        "thresholds": chosen.thresholds,
+        "model_uri": info.model_uri,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -30,7 +30,18 @@ import ray.data
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from pipeline.dataset import MANIFEST, REJECTS, SCHEMA, SCHEMA_VERSION
+from pipeline.dataset import (
+    MANIFEST,
+    REJECTS,
+    SCHEMA,
+    ConversionInfo,
+    ImageInfo,
+    Manifest,
+    RejectSummary,
+    ShardFile,
+    SourceInfo,
+    SplitInfo,
+)
 from pipeline.images import ImageRejected, ImageSettings, process_image, read_file
 from pipeline.readers.base import DatasetIndex
 from pipeline.storage import Location, resolve
@@ -215,37 +226,31 @@ def convert(
     files.sort(key=lambda f: f["path"])
     row_counts = {s: sum(f["rows"] for f in files if f["split"] == s) for s in index.splits}
     reject_counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": index.name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_id": run_id,
-        "classes": index.classes,
-        "num_classes": len(index.classes),
-        "columns": SCHEMA.names,
-        "splits": {
-            s: {
-                "rows": row_counts[s],
-                "files": [{"path": f["path"], "rows": f["rows"]} for f in files if f["split"] == s],
-            }
+    images_per_second = round(len(rows) / seconds, 2) if seconds > 0 else 0.0
+    Manifest(
+        dataset=index.name,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        run_id=run_id,
+        classes=tuple(index.classes),
+        splits={
+            s: SplitInfo(
+                rows=row_counts[s],
+                files=tuple(ShardFile(f["path"], f["rows"]) for f in files if f["split"] == s),
+            )
             for s in index.splits
         },
-        "empty": index.empty,
-        "rejects": {
-            "total": len(rejects),
-            "by_reason": reject_counts,
-            "by_split": {s: sum(1 for r in rejects if r["split"] == s) for s in index.splits},
-            "file": REJECTS,
-        },
-        "image": {"format": "jpeg", **asdict(settings)},
-        "source": {"root": index.root, "layout": index.layout, "fingerprint": index.fingerprint},
-        "conversion": {
-            "rows_per_shard": rows_per_shard,
-            "seconds": round(seconds, 3),
-            "images_per_second": round(len(rows) / seconds, 2) if seconds > 0 else 0.0,
-        },
-    }
-    location.join(MANIFEST).write_text(json.dumps(manifest, indent=2))
+        empty=dict(index.empty),
+        rejects=RejectSummary(
+            total=len(rejects),
+            by_reason=reject_counts,
+            by_split={s: sum(1 for r in rejects if r["split"] == s) for s in index.splits},
+        ),
+        image=ImageInfo(format="jpeg", **asdict(settings)),
+        source=SourceInfo(root=index.root, layout=index.layout, fingerprint=index.fingerprint),
+        conversion=ConversionInfo(
+            rows_per_shard=rows_per_shard, seconds=round(seconds, 3), images_per_second=images_per_second
+        ),
+    ).write(location)
     _remove_stale_shards(location, {f["path"] for f in files})
     return ConvertSummary(
         dataset=index.name,
@@ -254,7 +259,7 @@ def convert(
         rejects=reject_counts,
         empty=index.empty,
         seconds=round(seconds, 3),
-        images_per_second=manifest["conversion"]["images_per_second"],
+        images_per_second=images_per_second,
         reject_examples=rejects[:REJECT_EXAMPLES],
     )
 

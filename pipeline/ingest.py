@@ -1,15 +1,16 @@
 """Training-time ingest: Parquet shards -> decoded, augmented uint8 images + multi-hot targets.
 
-    ShardUnits(uri, split, passes)      read tasks of ~128 rows (whole row groups), listed from the
+    ShardUnits(manifest, split, passes) read tasks of ~128 rows (whole row groups), listed from the
                                         manifest; training: every pass over the split in a new
-                                        random order, all passes in one stream
+                                        random order, all passes in one stream; a RowFilter keeps
+                                        the calibration rows or the others
       -> map_batches(transform_batch)   decode + augment, fused into the same task (or actor)
     -> {"image": uint8 (B, 3, S, S), "targets": float32 (B, C), "ignore_mask": bool (B, C)}
-    on the Train worker: normalize(batch["image"].to(device))
+    on the Train worker: mltr.model.normalize(batch["image"].to(device), mean, std)
 
 Training reads one stream of ``passes`` epochs through a fixed pool of decode actors
 (``build_dataset(..., passes=E, decode_actors=N)``) and cuts it into epochs by batch count
-(:func:`epoch_batches`). Two Ray Data 2.60 costs are paid per execution, so per epoch when every
+(``mltr.train.epoch_batches``). Two Ray Data 2.60 costs are paid per execution, so per epoch when every
 epoch is an execution: the executor starts knowing no cluster resources and runs one task for its
 first second, and the first batch arrives ~0.5 s after the epoch is asked for. And a task pool
 sized to the CPUs keeps fewer tasks running than CPUs: on 2 cores a task waited ~0.25 s between
@@ -27,13 +28,15 @@ are one operator, one task per row-group range on every CPU, and only the uint8 
 the object store (JPEG bytes stay inside the task; columns not needed are never read).
 
 Images cross the object store as uint8 (a quarter of float32); the float conversion and the
-ImageNet normalisation happen on the training worker (or its GPU) in :func:`normalize`.
+normalisation (the model's mean and std, part of its input contract) happen on the training
+worker (or its GPU).
 
-Augmentation (``train=True``), per image, with ``torchvision.transforms.v2`` on uint8 tensors:
-RandomResizedCrop -> RandomHorizontalFlip -> RandAugment -> RandomErasing (cutout, value 0).
-Validation (``train=False``) squashes every image to ``image_size x image_size`` without
-cropping, as the multi-label COCO papers evaluate (ASL, Query2Label, ML-Decoder): a centre
-crop would cut off labelled objects near the border.
+Augmentation (an :class:`AugmentConfig`), per image, with ``torchvision.transforms.v2`` on uint8
+tensors: RandomResizedCrop -> RandomHorizontalFlip -> RandAugment -> RandomErasing (cutout,
+value 0). Without one (evaluation) every image is resized by the model's resize rule:
+``squash`` to ``image_size x image_size`` without cropping, as the multi-label COCO papers
+evaluate (ASL, Query2Label, ML-Decoder): a centre crop would cut off labelled objects near the
+border.
 
 Randomness: Ray re-executes the read and the map every epoch, in worker processes whose torch
 generator starts from the same fixed default seed. With ``seed=None`` each batch draws a fresh
@@ -48,9 +51,9 @@ import hashlib
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -64,10 +67,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from pipeline.convert import ROW_GROUP_SIZE
-from pipeline.dataset import load_manifest
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.dataset import Manifest, RowFilter
 
 # Columns the map needs; image_id only names a bad image in the error (and is kept if asked).
 INPUT_COLUMNS = ["image_id", "image", "labels", "ignore"]
@@ -75,6 +75,11 @@ _TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
 # Rows per read+decode task: whole row groups of the converter (128 rows), ~0.2-0.4 s of decoding
 # on one core: long enough to hide a task's start-up, short enough to keep every CPU busy.
 ROWS_PER_TASK = ROW_GROUP_SIZE
+RESIZE_RULES = ("squash",)  # how evaluation resizes an image to the model's input (its input contract)
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 class ImageDecodeError(RuntimeError):
@@ -82,27 +87,54 @@ class ImageDecodeError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class IngestConfig:
-    """What the ingest produces: output size, classes, and the training augmentation."""
+class AugmentConfig:
+    """Training augmentation, per image in Ray Data; the field names are the command line's flags."""
 
-    num_classes: int  # length of the multi-hot target (the manifest's num_classes)
-    image_size: int = 224  # side of the square output images
-    # False: deterministic resize for validation. Augmentation must be asked for, so a forgotten
-    # flag never augments an evaluation.
-    train: bool = False
-    # Fraction of the image area a random crop keeps. Not torchvision's (0.08, 1): in multi-label
+    # Smallest fraction of the image area a random crop keeps. Not torchvision's 0.08: in multi-label
     # data a small crop drops labelled (often small) objects while their labels stay positive, and
-    # enlarges what remains beyond the scale seen at validation. (1.0, 1.0) disables cropping
-    # (ASL/Query2Label train on plain resizes).
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the random crop
-    flip_p: float = 0.5  # probability of a horizontal flip (no COCO/VOC/NUS class is side-specific)
-    randaugment: bool = True
-    randaugment_ops: int = 2  # RandAugment num_ops
-    randaugment_magnitude: int = 9  # RandAugment magnitude, 0..30 (torchvision's bins)
-    erase_p: float = 0.5  # probability of one cutout rectangle (RandomErasing, value 0)
-    # Its area as a fraction of the image: up to a quarter, the size of ASL's cutout square.
-    erase_scale: tuple[float, float] = (0.02, 0.25)
+    # enlarges what remains beyond the scale seen at evaluation. 1.0 disables cropping (ASL and
+    # Query2Label train on plain resizes).
+    crop_min_scale: float = _opt(0.5, "smallest image area a random crop keeps (1.0: no cropping)")
+    crop_ratio: tuple[float, ...] = _opt((3 / 4, 4 / 3), "aspect-ratio range of the random crop")
+    # No COCO/VOC/NUS-WIDE class is side-specific.
+    flip_p: float = _opt(0.5, "probability of a horizontal flip")
+    randaugment: bool = _opt(True, "RandAugment in the training transforms")
+    randaugment_ops: int = _opt(2, "RandAugment operations per image")
+    randaugment_magnitude: int = _opt(9, "RandAugment magnitude, 0..30")
+    cutout_p: float = _opt(0.5, "probability of a cutout rectangle (random erasing, value 0) per image")
+    # Up to a quarter of the image: the size of ASL's cutout square.
+    cutout_scale: tuple[float, ...] = _opt((0.02, 0.25), "area range of the cutout, as image fractions")
+
+    def __post_init__(self):
+        object.__setattr__(self, "crop_ratio", tuple(float(r) for r in self.crop_ratio))
+        object.__setattr__(self, "cutout_scale", tuple(float(r) for r in self.cutout_scale))
+        if not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"--crop-ratio must be low,high with 0 < low <= high, got {self.crop_ratio}")
+        for name in ("flip_p", "cutout_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a probability, got {getattr(self, name)}"
+                )
+        if len(self.cutout_scale) != 2 or not 0 < self.cutout_scale[0] <= self.cutout_scale[1] < 1:
+            raise ValueError(
+                f"--cutout-scale must be low,high with 0 < low <= high < 1, got {self.cutout_scale}"
+            )
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ValueError("--randaugment-ops must be >= 0 and --randaugment-magnitude in 0..30")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """What the ingest produces: output size and resize rule (the model's), classes, augmentation."""
+
+    num_classes: int  # length of the multi-hot target (the manifest's)
+    image_size: int = 224  # side of the square output images (the model's input size)
+    # None: the deterministic resize of evaluation. Augmentation must be asked for, so a forgotten
+    # argument never augments an evaluation.
+    augment: AugmentConfig | None = None
+    resize: Literal["squash"] = "squash"  # the model's resize rule
     seed: int | None = None  # None: fresh randomness every epoch; an int: reproducible per image_id
     keep_ids: bool = False  # also output image_id (evaluation, tests); strings: use iter_batches
 
@@ -111,34 +143,35 @@ class IngestConfig:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8, got {self.image_size}")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
-        for name in ("flip_p", "erase_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
-        if not 0 < self.erase_scale[0] <= self.erase_scale[1] < 1:
-            raise ValueError(f"erase_scale must satisfy 0 < low <= high < 1, got {self.erase_scale}")
-        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
-            raise ValueError("randaugment_ops must be >= 0 and randaugment_magnitude in 0..30")
+        if self.resize not in RESIZE_RULES:
+            raise ValueError(
+                f"unknown resize rule {self.resize!r}; this ingest knows {', '.join(RESIZE_RULES)}"
+            )
+
+    @property
+    def train(self) -> bool:
+        return self.augment is not None
 
 
 @lru_cache(maxsize=8)
 def make_transform(cfg: IngestConfig) -> v2.Transform:
     """The per-image transform of ``cfg``: uint8 (3, H, W) -> uint8 (3, S, S)."""
     size = (cfg.image_size, cfg.image_size)
-    if not cfg.train:
-        return v2.Resize(size, antialias=True)
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),
-        v2.RandomHorizontalFlip(cfg.flip_p),
-    ]
-    if cfg.randaugment and cfg.randaugment_ops:
-        steps.append(v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude))
-    if cfg.erase_p:
-        steps.append(v2.RandomErasing(p=cfg.erase_p, scale=cfg.erase_scale, value=0))
+    aug = cfg.augment
+    if aug is None:
+        return v2.Resize(size, antialias=True)  # "squash"
+    # A full-area "crop" is no crop: RandomResizedCrop at scale 1 would still cut an image whose
+    # aspect ratio lies outside crop_ratio down to that range; evaluation's resize keeps it whole.
+    first = (
+        v2.Resize(size, antialias=True)
+        if aug.crop_min_scale >= 1.0
+        else v2.RandomResizedCrop(size, scale=(aug.crop_min_scale, 1.0), ratio=aug.crop_ratio, antialias=True)
+    )
+    steps: list[v2.Transform] = [first, v2.RandomHorizontalFlip(aug.flip_p)]
+    if aug.randaugment and aug.randaugment_ops:
+        steps.append(v2.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude))
+    if aug.cutout_p:
+        steps.append(v2.RandomErasing(p=aug.cutout_p, scale=aug.cutout_scale, value=0))
     return v2.Compose(steps)
 
 
@@ -261,29 +294,33 @@ class ShardUnits(Datasource):
     The manifest lists the shards and their rows, so units are planned without opening a file.
     Read tasks are made again for every execution: ``passes`` times over the split, each pass in a
     new random order when ``shuffle`` (a fixed sequence of orders per ``seed`` if one is given).
+    ``rows`` keeps some rows of each unit (the calibration slice of ``train``, or the rest); it
+    needs ``image_id`` among the columns.
     """
 
     def __init__(
         self,
-        uri: str,
+        manifest: Manifest,
         split: str,
         columns: list[str],
         rows_per_task: int = ROWS_PER_TASK,
         shuffle: bool = False,
         seed: int | None = None,
         passes: int = 1,
+        rows: RowFilter | None = None,
     ):
         if passes < 1:
             raise ValueError(f"passes must be at least 1, got {passes}")
-        manifest = load_manifest(uri)
-        files = manifest.files(split)  # raises KeyError for a split the dataset does not have
-        rows = [f["rows"] for f in manifest.data["splits"][split]["files"]]
-        self.fs = manifest.location.fs
-        self.units = plan_units(files, rows, rows_per_task)
+        if rows is not None and "image_id" not in columns:
+            raise ValueError("a row filter needs the image_id column")
+        shards = manifest.shards(split)  # raises KeyError for a split the dataset does not have
+        self.fs = manifest.filesystem
+        self.units = plan_units(manifest.files(split), [f.rows for f in shards], rows_per_task)
         self.columns = list(columns)
         self.shuffle = shuffle
         self.seed = seed
         self.passes = passes
+        self.rows = rows
 
     def get_name(self) -> str:
         return "MltrShards"
@@ -302,9 +339,9 @@ class ShardUnits(Datasource):
                 rng.shuffle(units)
             tasks += [
                 ReadTask(
-                    partial(_read_unit_blocks, self.fs, unit, self.columns),
+                    partial(_read_unit_blocks, self.fs, unit, self.columns, self.rows),
                     BlockMetadata(
-                        num_rows=unit.stop - unit.start,
+                        num_rows=unit.stop - unit.start if self.rows is None else None,
                         size_bytes=None,
                         exec_stats=None,
                         input_files=[unit.path],
@@ -316,8 +353,13 @@ class ShardUnits(Datasource):
         return tasks
 
 
-def _read_unit_blocks(fs: FileSystem, unit: ReadUnit, columns: list[str]) -> list[pa.Table]:
-    return [read_unit(fs, unit, columns)]
+def _read_unit_blocks(
+    fs: FileSystem, unit: ReadUnit, columns: list[str], rows: RowFilter | None
+) -> list[pa.Table]:
+    table = read_unit(fs, unit, columns)
+    if rows is not None:
+        table = table.filter(pa.array(rows.mask(table["image_id"].to_pylist())))
+    return [table]
 
 
 class _Transform:
@@ -331,23 +373,25 @@ class _Transform:
 
 
 def build_dataset(
-    uri: str,
+    manifest: Manifest,
     split: str,
     cfg: IngestConfig,
     *,
+    rows: RowFilter | None = None,
     passes: int = 1,
     decode_actors: int | None = None,
     rows_per_task: int = ROWS_PER_TASK,
     **map_kwargs: Any,
 ) -> ray.data.Dataset:
-    """The split at ``uri`` as decoded, transformed batches (a lazy ``ray.data.Dataset``).
+    """A split of the dataset ``manifest`` describes as decoded, transformed batches (a lazy ``ray.data.Dataset``).
 
     One read task per ``rows_per_task`` rows reads its row groups, and one :func:`transform_batch`
     call decodes them: the read and the map fuse into one operator (a ``batch_size`` in
     ``map_kwargs`` would split them again: Ray 2.60 does not fuse a read with a batched map).
 
+    - ``rows``: keep only some rows of the split (``CalibSplit.fit`` or ``CalibSplit.calib``).
     - ``passes``: epochs in one execution, each a new order of the units when ``cfg.train``.
-      Consume it with one iterator cut into epochs by :func:`epoch_batches`; rows of neighbouring
+      Consume it with one iterator cut into epochs by ``mltr.train.epoch_batches``; rows of neighbouring
       epochs mix at the boundary (units finish out of order, and in the local shuffle buffer).
     - ``decode_actors``: run the map in a fixed pool of that many actors (one CPU each, two units
       queued per actor), started once per execution: for a long stream. ``None``: Ray tasks,
@@ -357,10 +401,17 @@ def build_dataset(
     ``map_kwargs`` go to ``map_batches`` (``num_cpus``, ``memory``, ...).
     """
     source = ShardUnits(
-        uri, split, INPUT_COLUMNS, rows_per_task, shuffle=cfg.train, seed=cfg.seed, passes=passes
+        manifest,
+        split,
+        INPUT_COLUMNS,
+        rows_per_task,
+        shuffle=cfg.train,
+        seed=cfg.seed,
+        passes=passes,
+        rows=rows,
     )
     if not source.units:
-        raise ValueError(f"dataset {uri} has no rows in split {split!r}")
+        raise ValueError(f"dataset {manifest.uri} has no rows in split {split!r}")
     map_kwargs.setdefault("batch_size", None)
     ds = ray.data.read_datasource(source, override_num_blocks=passes * len(source.units))
     if decode_actors is None:
@@ -374,29 +425,3 @@ def build_dataset(
         batch_format="numpy",
         **map_kwargs,
     )
-
-
-def epoch_batches(rows: int, world_size: int, batch_size: int, epoch: int) -> int:
-    """Batches each of ``world_size`` consumers takes from a multi-pass stream in ``epoch``.
-
-    A stream of ``rows`` per pass, split equally, holds ``floor(passes * rows / world_size)`` rows
-    per consumer. Taking ``floor((epoch + 1) * rows / (world_size * batch_size))`` full batches by
-    the end of ``epoch`` keeps every consumer at the same count (DDP needs equal steps), never
-    asks for more than the stream holds, and loses less than one batch per consumer over the run.
-    """
-    per_step = world_size * batch_size
-    if rows < per_step:
-        raise ValueError(
-            f"{rows} rows per epoch cannot fill one batch of {batch_size} on each of {world_size} workers"
-        )
-    return (epoch + 1) * rows // per_step - epoch * rows // per_step
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics, on its device.
-
-    Always float32, also under autocast (the model's autocast casts at its first layer).
-    """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.to(torch.float32) / 255.0 - mean) / std

@@ -8,7 +8,7 @@ same stored JPEG bytes with the same per-image work (:func:`pipeline.ingest.deco
 
 - Ray Data, as the training job reads it (``--mode stream``): one stream of all the epochs,
   ``build_dataset(<converted dataset>, "train", cfg, passes=1 + epochs, decode_actors=CPUs)
-  .iter_torch_batches(...)``, cut into epochs by :func:`pipeline.ingest.epoch_batches` (full
+  .iter_torch_batches(...)``, cut into epochs by :func:`mltr.train.epoch_batches` (full
   batches only: 2240 of 2250 images at the defaults). ``--mode per-epoch``: one task-based
   execution per epoch, as a training loop that iterates ``get_dataset_shard`` per epoch would;
 - baseline: ``torch.utils.data.DataLoader(num_workers=2, shuffle=True)`` over the converted
@@ -48,15 +48,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from jobs._config import opt, parse_config, to_dict
 from jobs._runtime import init_ray
+from mltr.train import epoch_batches
 from pipeline.convert import convert
-from pipeline.dataset import load_manifest
+from pipeline.dataset import Manifest, load_manifest
 from pipeline.images import ImageSettings
 from pipeline.ingest import (
     ROWS_PER_TASK,
+    AugmentConfig,
     IngestConfig,
     build_dataset,
     decode_images,
-    epoch_batches,
     make_transform,
     multi_hot,
 )
@@ -111,12 +112,14 @@ class JpegFiles(Dataset):
         }
 
 
-def write_jpeg_files(uri: str, split: str, out: Path) -> tuple[list[Path], list, list]:
+def write_jpeg_files(manifest: Manifest, split: str, out: Path) -> tuple[list[Path], list, list]:
     """Write the stored JPEG bytes of ``split`` as files; return them with their labels."""
     out.mkdir(parents=True, exist_ok=True)
     files, labels, ignore = [], [], []
-    for shard in load_manifest(uri).files(split):
-        table = pq.read_table(shard, columns=["image_id", "image", "labels", "ignore"])
+    for shard in manifest.files(split):
+        table = pq.read_table(
+            shard, columns=["image_id", "image", "labels", "ignore"], filesystem=manifest.filesystem
+        )
         for row in table.to_pylist():
             path = out / f"{row['image_id']}.jpg"
             path.write_bytes(row["image"])
@@ -206,8 +209,10 @@ def run_in(config: BenchIngestConfig, work: Path) -> dict:
         convert(read_index("coco", str(root)), str(out), settings, config.rows_per_shard)
         ray.shutdown()
     manifest = load_manifest(uri)
-    files, labels, ignore = write_jpeg_files(uri, "train", work / f"jpeg-{out.name}")
-    cfg = IngestConfig(num_classes=manifest.num_classes, image_size=config.image_size, train=True)
+    files, labels, ignore = write_jpeg_files(manifest, "train", work / f"jpeg-{out.name}")
+    cfg = IngestConfig(
+        num_classes=manifest.num_classes, image_size=config.image_size, augment=AugmentConfig()
+    )
 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -218,7 +223,7 @@ def run_in(config: BenchIngestConfig, work: Path) -> dict:
     ctx.print_on_execution_start = False
     if config.mode == "stream":
         ds = build_dataset(
-            uri,
+            manifest,
             "train",
             cfg,
             passes=config.epochs + 1,
@@ -237,7 +242,7 @@ def run_in(config: BenchIngestConfig, work: Path) -> dict:
             f"Ray Data stream over {len(manifest.files('train'))} Parquet shards, {cpus} decode actors"
         )
     else:
-        ds = build_dataset(uri, "train", cfg, rows_per_task=config.rows_per_task)
+        ds = build_dataset(manifest, "train", cfg, rows_per_task=config.rows_per_task)
         ray_epoch = partial(
             ds.iter_torch_batches, batch_size=config.batch_size, prefetch_batches=config.prefetch_batches
         )

@@ -35,8 +35,8 @@ def run(config: BenchTrainGpuConfig) -> dict:
     import torch
 
     from jobs import train as train_job
+    from jobs._config import from_flat
     from jobs._runtime import init_ray
-    from mltr.train import TrainConfig
     from pipeline.convert import convert
     from pipeline.images import ImageSettings
     from pipeline.readers import read_index
@@ -59,17 +59,20 @@ def run(config: BenchTrainGpuConfig) -> dict:
     )
     cpus_per_worker = max(1.0, (cpus - 2) / gpus / 4)  # most CPUs stay with Ray Data's decode/augment
     result = train_job.run(
-        TrainConfig(
-            data=str(work / "ds" / "coco"),
-            model="mltr_s",
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=1e-4,
-            num_workers=gpus,
-            use_gpu=True,
-            cpus_per_worker=cpus_per_worker,
-            workdir=str(work / "work"),
-            name="train-gpu",
+        from_flat(
+            train_job.TrainConfig,
+            {
+                "data": str(work / "ds" / "coco"),
+                "model": "mltr_s",
+                "epochs": config.epochs,
+                "batch_size": config.batch_size,
+                "lr": 1e-4,
+                "num_workers": gpus,
+                "use_gpu": True,
+                "cpus_per_worker": cpus_per_worker,
+                "workdir": str(work / "work"),
+                "name": "train-gpu",
+            },
         )
     )
     figures = {

@@ -5,8 +5,9 @@ import s3fs
 from mlflow.tracking import MlflowClient
 
 from jobs import train as train_job
+from jobs._config import from_flat
 from mltr.tracking import EPOCH_KEY, tracking_uri
-from mltr.train import CHECKPOINT_FILES, TrainConfig
+from mltr.train import CHECKPOINT_FILES
 from pipeline.convert import convert
 from pipeline.readers import read_index
 from pipeline.synthetic import generate
@@ -19,16 +20,21 @@ def test_train_from_s3_with_checkpoints_in_s3_and_mlflow_server(
 ):
     generate("voc", tmp_path / "src", 48, seed=4)
     convert(read_index("voc", str(tmp_path / "src")), f"s3://{s3_bucket}/datasets", rows_per_shard=12)
-    config = TrainConfig(
-        data=f"s3://{s3_bucket}/datasets/voc",
-        epochs=2,
-        batch_size=8,
-        num_workers=2,
-        workdir=str(tmp_path / "work"),
-        storage=f"s3://{s3_bucket}/runs",
-        name="from-s3",
-        mlflow_uri=mlflow_server["uri"],
-        experiment="s3-test",
+    config = from_flat(
+        train_job.TrainConfig,
+        {
+            "data": f"s3://{s3_bucket}/datasets/voc",
+            "epochs": 2,
+            "batch_size": 8,
+            "num_workers": 2,
+            "workdir": str(tmp_path / "work"),
+            "storage": f"s3://{s3_bucket}/runs",
+            "name": "from-s3",
+            "mlflow_uri": mlflow_server["uri"],
+            "experiment": "s3-test",
+            # 48 images: 35 train rows; a larger calibration share keeps a few for selection.
+            "calib_fraction": 0.2,
+        },
     )
     result = train_job.run(config)
     assert result["epochs"] == 2 and result["checkpoint"].startswith(f"s3://{s3_bucket}/runs/from-s3/")
@@ -44,7 +50,7 @@ def test_train_from_s3_with_checkpoints_in_s3_and_mlflow_server(
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert [int(m.step) for m in client.get_metric_history(run.info.run_id, EPOCH_KEY)] == [0, 1]
-    assert run.data.tags["mltr.dataset_uri"] == config.data
+    assert run.data.tags["mltr.dataset_uri"] == config.data.uri
     # Artifacts went through the server into the S3-API store.
     stored = fs.find(f"{mlflow_server['bucket']}/artifacts")
     assert any(p.endswith("evaluation/per_class_ap.csv") for p in stored)

@@ -29,7 +29,7 @@ def test_conversion_matches_what_was_drawn(ray_local, synthetic_root, tmp_path, 
     )
     uri = str(tmp_path / fmt)
     manifest = load_manifest(uri)
-    assert summary.uri == uri and manifest.classes == truth.classes
+    assert summary.uri == uri and list(manifest.classes) == truth.classes
 
     for split in ("train", "val"):
         rows = rows_by_id(uri, split)
@@ -50,9 +50,9 @@ def test_conversion_matches_what_was_drawn(ray_local, synthetic_root, tmp_path, 
     rejects = [json.loads(line) for line in (tmp_path / fmt / "_rejects.jsonl").read_text().splitlines()]
     assert {r["image_id"]: r["reason"] for r in rejects} == truth.rejects()
     assert all(r["source_path"] and r["detail"] for r in rejects)
-    assert manifest.data["rejects"]["total"] == len(truth.rejects())
-    assert manifest.data["empty"] == {"train": truth.empty("train"), "val": truth.empty("val")}
-    assert manifest.data["image"]["max_side"] == 200
+    assert manifest.rejects.total == len(truth.rejects())
+    assert manifest.empty == {"train": truth.empty("train"), "val": truth.empty("val")}
+    assert manifest.image.max_side == 200
     assert manifest.fingerprint == read_index(fmt, str(root)).fingerprint
 
 
@@ -75,7 +75,7 @@ def test_rerun_with_fewer_splits_removes_the_dropped_split(ray_local, synthetic_
     convert(read_index("voc", str(root)), str(tmp_path))
     convert(read_index("voc", str(root), ("train",)), str(tmp_path))
     manifest = load_manifest(str(tmp_path / "voc"))
-    assert manifest.splits == ["train"]
+    assert list(manifest.splits) == ["train"]
     assert not list((tmp_path / "voc" / "val").glob("*.parquet"))
     with pytest.raises(KeyError, match="no split 'val'"):
         manifest.files("val")

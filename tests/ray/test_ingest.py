@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from pipeline.convert import convert
-from pipeline.dataset import DatasetNotFound, load_manifest
+from pipeline.dataset import DatasetNotFound, load_manifest, plan_calibration
 from pipeline.images import ImageSettings
-from pipeline.ingest import INPUT_COLUMNS, IngestConfig, ShardUnits, build_dataset, transform_batch
+from pipeline.ingest import (
+    INPUT_COLUMNS,
+    AugmentConfig,
+    IngestConfig,
+    ShardUnits,
+    build_dataset,
+    transform_batch,
+)
 from pipeline.readers import read_index
 from pipeline.synthetic import generate
 
@@ -22,16 +29,16 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def dataset(ray_local, tmp_path_factory):
-    """A converted COCO-layout dataset: 48 train rows in 3 shards, 16 val rows; returns its URI."""
+    """A converted COCO-layout dataset: 48 train rows in 3 shards, 16 val rows; returns its manifest."""
     root, out = tmp_path_factory.mktemp("coco-src"), tmp_path_factory.mktemp("coco-converted")
     generate("coco", root, 64, seed=3)
     convert(read_index("coco", str(root)), str(out), ImageSettings(max_side=96), rows_per_shard=16)
-    return str(out / "coco")
+    return load_manifest(str(out / "coco"))
 
 
-def stored_rows(uri: str, split: str) -> dict[str, dict]:
+def stored_rows(manifest, split: str) -> dict[str, dict]:
     rows = {}
-    for shard in load_manifest(uri).files(split):
+    for shard in manifest.files(split):
         for row in pq.read_table(shard, columns=INPUT_COLUMNS).to_pylist():
             rows[row["image_id"]] = row
     return rows
@@ -58,9 +65,9 @@ def tasks_executed(stats: str) -> dict[str, int]:
 
 
 def test_torch_batches_carry_the_stored_labels(dataset):
-    manifest = load_manifest(dataset)
+    manifest = dataset
     stored = stored_rows(dataset, "train")
-    cfg = IngestConfig(num_classes=manifest.num_classes, image_size=SIZE, train=True)
+    cfg = IngestConfig(num_classes=manifest.num_classes, image_size=SIZE, augment=AugmentConfig())
     ds = build_dataset(dataset, "train", cfg, rows_per_task=8)
     got_targets, got_masks = [], []
     for batch in ds.iter_torch_batches(batch_size=10, local_shuffle_buffer_size=16):
@@ -104,7 +111,7 @@ def test_training_epochs_differ_and_a_seed_repeats_them(dataset):
             for image_id, image in zip(batch["image_id"], batch["image"], strict=True)
         }
 
-    kwargs = dict(num_classes=80, image_size=SIZE, train=True, keep_ids=True)
+    kwargs = dict(num_classes=80, image_size=SIZE, augment=AugmentConfig(), keep_ids=True)
     fresh = build_dataset(dataset, "train", IngestConfig(**kwargs), rows_per_task=16)
     first, second = epoch(fresh), epoch(fresh)
     assert first.keys() == second.keys()
@@ -129,7 +136,7 @@ def test_training_visits_units_in_a_new_order_every_epoch(dataset):
 
 def test_a_stream_of_passes_through_decode_actors_holds_every_image_once_per_pass(dataset):
     stored = stored_rows(dataset, "train")
-    cfg = IngestConfig(num_classes=80, image_size=SIZE, train=True, keep_ids=True)
+    cfg = IngestConfig(num_classes=80, image_size=SIZE, augment=AugmentConfig(), keep_ids=True)
     ds = build_dataset(dataset, "train", cfg, passes=3, decode_actors=2, rows_per_task=4)
     ids = [i for batch in ds.iter_batches(batch_format="numpy", batch_size=None) for i in batch["image_id"]]
     assert Counter(ids) == {image_id: 3 for image_id in stored}
@@ -155,4 +162,24 @@ def test_unknown_split_and_missing_dataset_are_refused(dataset, tmp_path):
     with pytest.raises(KeyError, match="test"):
         build_dataset(dataset, "test", IngestConfig(num_classes=80))
     with pytest.raises(DatasetNotFound):
-        build_dataset(str(tmp_path / "nothing"), "train", IngestConfig(num_classes=80))
+        load_manifest(str(tmp_path / "nothing"))
+
+
+def test_the_calibration_rows_never_reach_the_training_stream(dataset):
+    stored = stored_rows(dataset, "train")
+    calib = plan_calibration(list(stored), fraction=0.25, max_rows=100)
+    assert 0 < calib.calib_rows < len(stored)
+
+    def ids(ds):
+        return [
+            i for batch in ds.iter_batches(batch_format="numpy", batch_size=None) for i in batch["image_id"]
+        ]
+
+    train_cfg = IngestConfig(num_classes=80, image_size=SIZE, augment=AugmentConfig(), keep_ids=True)
+    stream = ids(
+        build_dataset(dataset, "train", train_cfg, rows=calib.fit, passes=2, decode_actors=2, rows_per_task=4)
+    )
+    held_out = ids(build_dataset(dataset, "train", IngestConfig(80, SIZE, keep_ids=True), rows=calib.calib))
+    assert len(held_out) == len(set(held_out)) == calib.calib_rows
+    assert Counter(stream) == {i: 2 for i in stored if i not in set(held_out)}  # every other row, each pass
+    assert len(stream) == 2 * calib.fit_rows

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import re
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 from mltr import create_model, load_checkpoint, load_model, load_pretrained, save_checkpoint
+from mltr.checkpoint import Selection, TrainState
 from mltr.model import resize_relative_position_table
 
 pytestmark = pytest.mark.unit
@@ -149,3 +153,94 @@ def test_not_an_mltr_checkpoint(tmp_path):
         load_model(path)
     with pytest.raises(ValueError, match="only local paths"):
         load_model("s3://bucket/model.pt")
+
+
+def test_the_input_contract_is_saved_with_the_model(tmp_path):
+    model = create_model("mltr_tiny", num_classes=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    save_checkpoint(model, tmp_path / "model.pt")
+    restored = load_model(tmp_path / "model.pt").config
+    assert restored.input_contract() == model.config.input_contract()
+    assert restored.input_contract()["mean"] == [0.5, 0.4, 0.3] and restored.resize == "squash"
+    assert restored.stem == model.config.stem
+
+
+def test_a_checkpoint_saved_before_the_input_contract_and_stem_still_loads(tmp_path):
+    """Version-1 files hold a config dict without ``stem``, ``resize``, ``mean`` and ``std``."""
+    model = create_model("mltr_s", num_classes=4, image_size=64, window_size=2)
+    config = dataclasses.asdict(model.config)
+    for name in ("stem", "resize", "mean", "std"):
+        del config[name]
+    torch.save(
+        {"format": "mltr", "version": 1, "config": config, "state_dict": model.state_dict(), "extra": {}},
+        tmp_path / "old.pt",
+    )
+    restored = load_model(tmp_path / "old.pt")
+    assert restored.config == model.config  # the defaults: patch stem, ImageNet statistics, squash
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(images), model.eval()(images))
+
+
+def test_training_state_round_trips_and_loads_with_weights_only(tmp_path):
+    from mltr.train import make_ema, make_scheduler, optimizer_step, param_groups, rng_state, set_rng_state
+
+    torch.manual_seed(0)
+    model = create_model("mltr_tiny", num_classes=3)
+    ema = make_ema(model, 0.9)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    scheduler = make_scheduler(optimizer, 1e-3, 10)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer_step(model, optimizer, scheduler, ema, 1.0)
+    selection = Selection(
+        weights="ema",
+        calib_mAP=0.7,
+        thresholds=[0.3, 0.5, 0.6],
+        val={"mAP": 0.65, "CF1": 0.5},
+        calib_per_class_ap=[0.6, 0.7, 0.8],
+        val_per_class_ap=[0.5, float("nan"), 0.8],
+        val_pr_curve=([0.0, 1.0], [1.0, 0.5]),
+    )
+    state = TrainState(
+        epoch=4,
+        selection=selection,
+        best_epoch=3,
+        best_calib_mAP=0.72,
+        history=[{"epoch": e, "metrics": {"train_loss": 1.0 / (e + 1)}} for e in range(5)],
+        rng=rng_state(),
+        ema=ema.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+    )
+    state.save(tmp_path / "train_state.pt")
+    # weights_only: plain containers and tensors only, so a state from a shared bucket cannot run code.
+    torch.load(tmp_path / "train_state.pt", weights_only=True)
+    loaded = TrainState.load(tmp_path / "train_state.pt")
+    assert (loaded.epoch, loaded.best_epoch, loaded.best_calib_mAP, loaded.history) == (
+        4,
+        3,
+        0.72,
+        state.history,
+    )
+    assert loaded.selection.weights == "ema" and loaded.selection.val_mAP == 0.65
+    assert loaded.selection.thresholds == [0.3, 0.5, 0.6] and loaded.selection.val_pr_curve == (
+        [0.0, 1.0],
+        [1.0, 0.5],
+    )
+    # The optimiser, schedule and EMA continue from the state.
+    fresh_optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    fresh_optimizer.load_state_dict(loaded.optimizer)
+    make_scheduler(fresh_optimizer, 1e-3, 10).load_state_dict(loaded.scheduler)
+    make_ema(model, 0.9).load_state_dict(loaded.ema)
+    # The random generators are restored: the same draws follow.
+    set_rng_state(loaded.rng)
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(loaded.rng)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+def test_a_file_that_is_not_a_training_state_is_refused(tmp_path):
+    save_checkpoint(create_model("mltr_tiny"), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="not an MlTr training state"):
+        TrainState.load(tmp_path / "model.pt")

@@ -1,9 +1,10 @@
+import shlex
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
-from jobs._config import opt, parse_config, to_dict
+from jobs._config import component, from_flat, opt, parse_config, replace_flat, to_dict
 
 pytestmark = pytest.mark.unit
 
@@ -48,10 +49,91 @@ def test_bad_values_exit_with_usage(tmp_path, capsys):
     assert "unknown field 'sise'" in capsys.readouterr().err
 
 
+@dataclass(frozen=True)
+class Inner:
+    speed: float = opt(0.1, "a speed")
+    uri: str = opt("", "where", flag="data")
+
+    def __post_init__(self):
+        if self.speed < 0:
+            raise ValueError(f"--speed must not be negative, got {self.speed}")
+
+
+@dataclass(frozen=True)
+class Composed:
+    """A job composed of components."""
+
+    inner: Inner = component(Inner)
+    other: Example = component(Example)
+
+
+def test_components_become_flat_flags_and_presets(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data: /somewhere\nsize: 9\n")
+    cfg = parse_config(Composed, ["--config", str(preset), "--speed", "0.5", "--kind", "b"])
+    assert cfg == Composed(Inner(speed=0.5, uri="/somewhere"), Example(size=9, kind="b"))
+    assert to_dict(cfg) == {**to_dict(Example(size=9, kind="b")), "speed": 0.5, "data": "/somewhere"}
+    assert from_flat(Composed, to_dict(cfg) | {"splits": ("train",)}) == replace_flat(cfg, splits=("train",))
+    with pytest.raises(TypeError, match="no flag"):
+        replace_flat(cfg, uri="/x")  # the flag is --data
+
+
+def test_a_components_error_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(Composed, ["--speed", "-1"])
+    assert info.value.code == 2 and "--speed must not be negative" in capsys.readouterr().err
+
+
+def test_two_fields_with_one_flag_name_are_refused():
+    @dataclass(frozen=True)
+    class Clash:
+        a: Inner = component(Inner)
+        b: Inner = component(Inner)
+
+    with pytest.raises(TypeError, match="speed"):
+        parse_config(Clash, [])
+
+
 @pytest.mark.parametrize("dataset", ["coco", "voc", "nuswide"])
 def test_train_presets_parse_into_the_training_config(dataset):
-    from mltr.train import TrainConfig
+    from jobs.train import TrainConfig
 
     config = parse_config(TrainConfig, ["--config", dataset, "--data", "/d", "--epochs", "3"], job="train")
-    assert config.data == "/d" and config.epochs == 3 and config.use_gpu
-    assert config.experiment == f"mltr-{dataset}"
+    assert config.data.uri == "/d" and config.optim.epochs == 3 and config.scaling.use_gpu
+    assert config.run.experiment == f"mltr-{dataset}"
+    assert config.model.variant in ("mltr_s", "mltr_m") and config.optim.loss == "asl"
+
+
+def test_training_flags_keep_their_names():
+    """The flags users and presets know: each one sets the component field it always set."""
+    from jobs.train import TrainConfig
+
+    flags = shlex.split(
+        "--data /d --model mltr_s --image-size 224 --window-size 7 --head query --loss focal --epochs 4 "
+        "--batch-size 8 --lr 0.001 --weight-decay 0.01 --grad-clip 2 --accumulate 2 --ema-decay 0.99 "
+        "--drop-path-rate 0.2 --no-randaugment --crop-min-scale 0.7 --cutout-p 0.25 --shuffle-buffer 64 "
+        "--num-workers 3 --use-gpu --cpus-per-worker 2 --decode-actors 5 --workdir w --storage s3://b/r "
+        "--name n --max-failures 1 --init-from swin.pth --mlflow-uri http://m --experiment e --seed 7 "
+        "--address auto"
+    )
+    c = parse_config(TrainConfig, flags, job="train")
+    assert (c.data.uri, c.data.shuffle_buffer, c.data.decode_actors) == ("/d", 64, 5)
+    assert (c.model.variant, c.model.image_size, c.model.window_size, c.model.head) == (
+        "mltr_s",
+        224,
+        7,
+        "query",
+    )
+    assert (c.model.drop_path_rate, c.model.init_from) == (0.2, "swin.pth")
+    assert (c.optim.loss, c.optim.epochs, c.optim.batch_size, c.optim.lr) == ("focal", 4, 8, 0.001)
+    assert (c.optim.weight_decay, c.optim.grad_clip, c.optim.accumulate, c.optim.ema_decay) == (
+        0.01,
+        2,
+        2,
+        0.99,
+    )
+    assert c.optim.seed == 7
+    assert (c.augment.randaugment, c.augment.crop_min_scale, c.augment.cutout_p) == (False, 0.7, 0.25)
+    assert (c.scaling.num_workers, c.scaling.use_gpu, c.scaling.cpus_per_worker) == (3, True, 2)
+    assert (c.run.workdir, c.run.storage, c.run.name, c.run.max_failures) == ("w", "s3://b/r", "n", 1)
+    assert (c.run.mlflow_uri, c.run.experiment, c.run.address) == ("http://m", "e", "auto")

@@ -11,13 +11,11 @@ from PIL import Image
 from pyarrow.fs import LocalFileSystem
 
 from pipeline.ingest import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    AugmentConfig,
     ImageDecodeError,
     IngestConfig,
     ReadUnit,
     multi_hot,
-    normalize,
     plan_units,
     read_unit,
     transform_batch,
@@ -72,13 +70,13 @@ def batch():
     return make_batch(LABELS, IGNORE)
 
 
-def train_cfg(**kw) -> IngestConfig:
-    return IngestConfig(num_classes=C, image_size=48, train=True, **kw)
+def train_cfg(seed: int | None = None, **augment) -> IngestConfig:
+    return IngestConfig(num_classes=C, image_size=48, augment=AugmentConfig(**augment), seed=seed)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_output_shapes_and_dtypes(batch, train):
-    out = transform_batch(batch, IngestConfig(num_classes=C, image_size=40, train=train, seed=0))
+@pytest.mark.parametrize("augment", [None, AugmentConfig()])
+def test_output_shapes_and_dtypes(batch, augment):
+    out = transform_batch(batch, IngestConfig(num_classes=C, image_size=40, augment=augment, seed=0))
     assert set(out) == {"image", "targets", "ignore_mask"}
     assert out["image"].dtype == np.uint8 and out["image"].shape == (4, 3, 40, 40)
     assert out["targets"].dtype == np.float32 and out["targets"].shape == (4, C)
@@ -176,25 +174,27 @@ def test_train_is_random_but_labels_are_not(batch):
 
 
 def test_train_without_augmentation_and_a_full_crop_is_the_validation_resize():
-    # 4:3 and 1:1 images lie inside the crop's aspect range, so scale (1, 1) keeps the whole image.
-    batch = make_batch([[0], [1]], [[], []], sizes=[(96, 72), (80, 80)])
-    cfg = train_cfg(crop_scale=(1.0, 1.0), flip_p=0.0, randaugment=False, erase_p=0.0, seed=0)
+    # The whole image, whatever its aspect ratio: 2:1 and 1:3 lie outside the crop's ratio range.
+    batch = make_batch(
+        [[0], [1], [2], [3]], [[], [], [], []], sizes=[(96, 72), (80, 80), (160, 80), (40, 120)]
+    )
+    cfg = train_cfg(crop_min_scale=1.0, flip_p=0.0, randaugment=False, cutout_p=0.0, seed=0)
     ref = transform_batch(batch, IngestConfig(num_classes=C, image_size=48))
     np.testing.assert_array_equal(transform_batch(batch, cfg)["image"], ref["image"])
 
 
 def test_flip_alone_mirrors_the_image():
     batch = make_batch([[0]], [[]], sizes=[(96, 72)])
-    cfg = train_cfg(crop_scale=(1.0, 1.0), flip_p=1.0, randaugment=False, erase_p=0.0, seed=0)
+    cfg = train_cfg(crop_min_scale=1.0, flip_p=1.0, randaugment=False, cutout_p=0.0, seed=0)
     ref = transform_batch(batch, IngestConfig(num_classes=C, image_size=48))["image"]
     np.testing.assert_array_equal(transform_batch(batch, cfg)["image"], ref[..., ::-1])
 
 
 def test_cutout_blacks_out_one_rectangle_on_uint8():
     batch = make_batch([[0]] * 4, [[]] * 4)
-    base = dict(crop_scale=(1.0, 1.0), flip_p=0.0, randaugment=False, seed=9)
-    ref = transform_batch(batch, train_cfg(erase_p=0.0, **base))["image"]
-    out = transform_batch(batch, train_cfg(erase_p=1.0, erase_scale=(0.1, 0.2), **base))["image"]
+    base = dict(crop_min_scale=1.0, flip_p=0.0, randaugment=False, seed=9)
+    ref = transform_batch(batch, train_cfg(cutout_p=0.0, **base))["image"]
+    out = transform_batch(batch, train_cfg(cutout_p=1.0, cutout_scale=(0.1, 0.2), **base))["image"]
     assert out.dtype == np.uint8
     for img, orig in zip(out, ref, strict=True):
         rows, cols = np.nonzero((img != orig).any(axis=0))
@@ -222,39 +222,30 @@ def test_an_undecodable_image_raises_with_its_id(batch, bad):
         transform_batch(broken, train_cfg(seed=0))
 
 
-def test_normalize_matches_the_formula():
-    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
-    x = images.numpy().astype(np.float64) / 255.0
-    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
-    out = normalize(images)
-    assert out.dtype == torch.float32 and out.shape == images.shape
-    np.testing.assert_allclose(out.numpy(), (x - mean) / std, rtol=1e-5, atol=1e-5)
-
-
-def test_normalize_stays_float32_under_autocast():
-    images = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = normalize(images)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, normalize(images))
-
-
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"num_classes": 0},
-        {"image_size": 4},
-        {"crop_scale": (0.0, 1.0)},
-        {"crop_scale": (0.8, 0.5)},
-        {"flip_p": 1.5},
-        {"erase_p": -0.1},
-        {"randaugment_magnitude": 31},
-    ],
+    "kwargs", [{"num_classes": 0}, {"image_size": 4}, {"resize": "center_crop"}], ids=str
 )
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         IngestConfig(**{"num_classes": C, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"crop_min_scale": 0.0}, "--crop-min-scale"),
+        ({"crop_min_scale": 1.5}, "--crop-min-scale"),
+        ({"crop_ratio": (1.5, 0.5)}, "--crop-ratio"),
+        ({"flip_p": 1.5}, "--flip-p"),
+        ({"cutout_p": -0.1}, "--cutout-p"),
+        ({"cutout_scale": (0.3, 0.2)}, "--cutout-scale"),
+        ({"randaugment_magnitude": 31}, "--randaugment-magnitude"),
+    ],
+    ids=str,
+)
+def test_augmentation_rejects_bad_values_naming_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        AugmentConfig(**kwargs)
 
 
 def test_units_cut_every_shard_into_tasks_of_at_most_rows_per_task():

@@ -208,3 +208,39 @@ def test_drop_path_drops_whole_samples_in_training_only():
     per_sample = y.flatten(1)
     assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # kept samples are scaled by 1/keep
     assert 0 < (per_sample[:, 0] == 0).sum() < 64
+
+
+def test_the_conv_stem_gives_the_patch_grid_and_its_batchnorm_takes_no_decay():
+    model = create_model("mltr_tiny", num_classes=3)
+    assert model.config.stem == "conv" and model.config.stem_widths == (32, 64)
+    tokens = model.patch_embed(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 16, 16, 32)  # B, H/4, W/4, C: the grid a 4x4 patchify conv gives
+    batchnorm = {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith("patch_embed.convs.") and n.endswith(("1.weight", "1.bias"))
+    }
+    assert batchnorm and batchnorm <= model.no_weight_decay()
+    default = create_model("mltr_tiny", stem_widths=())  # doubling up to the embedding width
+    assert [m.out_channels for m in default.patch_embed.convs if isinstance(m, torch.nn.Conv2d)] == [16, 32]
+
+
+def test_swin_layout_variants_keep_the_patch_stem():
+    for name in ("mltr_s", "mltr_m", "mltr_l", "mltr_xl"):
+        config = create_model(name, image_size=64, window_size=2).config
+        assert config.stem == "patch" and config.stem_widths == ()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"stem": "conv", "patch_size": 3, "image_size": 48, "window_size": 2}, "power-of-two patch_size"),
+        ({"stem": "conv", "stem_widths": (8, 16, 32)}, "one positive width per stride-2 conv: 2"),
+        ({"stem": "patch", "stem_widths": (8, 16)}, "needs the conv stem"),
+        ({"mean": (0.5, 0.5)}, "one value per input channel"),
+        ({"resize": "crop"}, "unknown resize rule"),
+    ],
+)
+def test_stem_and_input_contract_errors_say_what_is_wrong(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MlTrConfig(**overrides)

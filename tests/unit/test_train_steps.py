@@ -5,9 +5,10 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_curve
 
-from mltr.model import create_model
+from mltr.config import ModelArgs, OptimConfig, ScalingArgs
+from mltr.model import IMAGENET_MEAN, IMAGENET_STD, MlTrConfig, create_model, normalize
 from mltr.train import (
-    TrainConfig,
+    epoch_batches,
     label_frequency_baseline,
     make_scheduler,
     micro_pr_curve,
@@ -15,7 +16,6 @@ from mltr.train import (
     optimizer_steps,
     param_groups,
 )
-from pipeline.ingest import epoch_batches
 
 pytestmark = pytest.mark.unit
 
@@ -86,13 +86,57 @@ def test_no_weight_decay_parameters_get_none():
     assert all(p.ndim > 1 for p in decay["params"])
 
 
-def test_train_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="--data is required"):
-        TrainConfig()
+def test_training_components_reject_bad_values_naming_the_flag():
     with pytest.raises(ValueError, match="--epochs must be at least 1"):
-        TrainConfig(data="/d", epochs=0)
+        OptimConfig(epochs=0)
     with pytest.raises(ValueError, match="--ema-decay"):
-        TrainConfig(data="/d", ema_decay=1.0)
+        OptimConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="--warmup"):
+        OptimConfig(warmup=1.0)
+    with pytest.raises(ValueError, match="--num-workers must be at least 1"):
+        ScalingArgs(num_workers=0)
+
+
+def test_model_arguments_resolve_once_into_the_models_config():
+    resolved = ModelArgs(variant="mltr_s", window_size=12, image_size=384, head="query").resolve(20)
+    assert isinstance(resolved, MlTrConfig)
+    assert (resolved.num_classes, resolved.window_size, resolved.image_size, resolved.head) == (
+        20,
+        12,
+        384,
+        "query",
+    )
+    assert resolved.embed_dim == 96 and resolved.depths == (2, 2, 6, 2)  # the rest is the variant's
+    assert ModelArgs().resolve(5) == MlTrConfig(
+        **{**create_model("mltr_tiny").config.__dict__, "num_classes": 5}
+    )
+    with pytest.raises(ValueError, match="unknown model 'mltr_huge'"):
+        ModelArgs(variant="mltr_huge").resolve(5)
+    with pytest.raises(ValueError, match="window_size=5 does not fit"):
+        ModelArgs(window_size=5).resolve(5)
+
+
+def test_normalize_follows_the_models_input_contract():
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    x = images.numpy().astype(np.float64) / 255.0
+    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    np.testing.assert_allclose(out.numpy(), (x - mean) / std, rtol=1e-5, atol=1e-5)
+    # Another contract's mean and std are the ones applied.
+    config = MlTrConfig(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    np.testing.assert_allclose(
+        normalize(images, config.mean, config.std).numpy(), (x - 0.5) / 0.25, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_normalize_stays_float32_under_autocast():
+    images = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = normalize(images)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, normalize(images))
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 12, 100])

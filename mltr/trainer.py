@@ -1,0 +1,139 @@
+"""The trainer builder that ``jobs.train`` and the sweeps share: one resolved run in, one ``TorchTrainer`` out.
+
+    run = TrainRun(name, model=MlTrConfig, optim=OptimConfig, data=DataPlan, scaling=ScalingArgs,
+                   storage_path=..., mlflow_uri=..., mlflow_run_id=...)
+    result = build_trainer(run).fit()
+    best = best_checkpoint(result)           # ranked by the calibration split's mAP
+
+Everything here is resolved on the driver: the model config, the datasets (built by the caller
+from the dataset's manifest, read once), the storage and the MLflow run. The workers receive a
+:class:`~mltr.train.LoopConfig` holding only what they use. The caller may add Ray Train callbacks
+(a Tune sweep adds ``TuneReportCallback``); there is one training loop, :func:`mltr.train.train_loop_per_worker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mltr.config import OptimConfig, ScalingArgs
+from mltr.model import MlTrConfig
+from mltr.train import SELECTION_METRIC, LoopConfig, train_loop_per_worker
+
+# Datasets a run reads: the training stream, the calibration slice of train, and val (reported only).
+DATASETS = ("train", "calib", "val")
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The run's datasets (lazy Ray Datasets built on the driver) and what the loop needs to know of them."""
+
+    datasets: Mapping[str, ray.data.Dataset]  # DATASETS: "train" is a stream of every epoch
+    train_rows: int  # rows of one pass of the training stream (train less its calibration slice)
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: none)
+
+    def __post_init__(self):
+        if set(self.datasets) != set(DATASETS):
+            raise ValueError(f"a run needs the datasets {DATASETS}, got {sorted(self.datasets)}")
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run, resolved: what :func:`build_trainer` turns into a ``TorchTrainer``."""
+
+    name: str  # the Train run's name: the same (storage_path, name) again resumes it
+    model: MlTrConfig
+    optim: OptimConfig
+    data: DataPlan
+    scaling: ScalingArgs
+    storage_path: str  # a local folder, or a path on storage_filesystem
+    mlflow_uri: str
+    mlflow_run_id: str
+    storage_filesystem: pafs.FileSystem | None = None  # None: storage_path is local
+    max_failures: int = 0  # worker failures survived by restarting from the last checkpoint
+    init_from: str | None = None
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            model=self.model,
+            optim=self.optim,
+            train_rows=self.data.train_rows,
+            shuffle_buffer=self.data.shuffle_buffer,
+            mlflow_uri=self.mlflow_uri,
+            mlflow_run_id=self.mlflow_run_id,
+            init_from=self.init_from,
+        )
+
+
+class SplitDataConfig(ray.train.DataConfig):
+    """How the datasets reach the workers: ``train`` split equally, the others so every row is read once.
+
+    DDP needs the same number of steps on every worker, so the training stream is split with
+    ``equal=True`` (as Ray Train does for every dataset). Evaluation needs every row once, and
+    ``equal=True`` drops up to ``world_size - 1`` of them: the other datasets are split with
+    ``equal=False``; their metrics are gathered across workers, whatever each worker got.
+    """
+
+    def __init__(self, equal: tuple[str, ...] = ("train",)):
+        super().__init__(datasets_to_split=list(equal))
+        self.equal = frozenset(equal)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = super().configure(
+            {name: ds for name, ds in datasets.items() if name in self.equal},
+            world_size,
+            worker_handles,
+            worker_node_ids,
+            **kwargs,
+        )
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if name in self.equal:
+                continue
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[rank][name] = split
+        return output
+
+
+def build_trainer(run: TrainRun, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+    """The ``TorchTrainer`` of ``run``: DDP workers running the one training loop, checkpoints ranked
+    by :data:`~mltr.train.SELECTION_METRIC`, ``callbacks`` added to its ``RunConfig``."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": run.loop_config()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.scaling.num_workers,
+            use_gpu=run.scaling.use_gpu,
+            resources_per_worker={"CPU": run.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=run.storage_path,
+            storage_filesystem=run.storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=SELECTION_METRIC, checkpoint_score_order="max"
+            ),
+            callbacks=list(callbacks) or None,
+        ),
+        datasets=dict(run.data.datasets),
+        dataset_config=SplitDataConfig(equal=("train",)),
+    )
+
+
+def best_checkpoint(result: ray.train.Result) -> ray.train.Checkpoint:
+    """The checkpoint of the epoch with the best calibration score (the latest one if none is ranked)."""
+    best = result.get_best_checkpoint(SELECTION_METRIC, "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"the run at {result.path} finished without a checkpoint")
+    return best

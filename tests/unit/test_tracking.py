@@ -1,0 +1,105 @@
+"""The logged model carries what a consumer needs: the selected weights, classes, thresholds, input contract."""
+
+import ast
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mltr import create_model, save_checkpoint, tracking
+from mltr.checkpoint import Selection, TrainState
+from mltr.train import EMA_FILE, MODEL_FILE, STATE_FILE, rng_state
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_checkpoint(folder: Path, weights: str) -> dict[str, torch.nn.Module]:
+    """A checkpoint folder as the loop writes it: model, EMA (different weights) and the training state."""
+    torch.manual_seed(0)
+    models = {
+        "model": create_model(
+            "mltr_tiny", num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+        ).eval(),
+        "ema": create_model("mltr_tiny", num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval(),
+    }
+    save_checkpoint(models["model"], folder / MODEL_FILE)
+    save_checkpoint(models["ema"], folder / EMA_FILE)
+    TrainState(
+        epoch=6,
+        selection=Selection(
+            weights=weights,
+            calib_mAP=0.81,
+            thresholds=[0.2, 0.4, 0.6],
+            val={"mAP": 0.77, "CP": 0.7, "CR": 0.6, "CF1": 0.65, "OP": 0.7, "OR": 0.6, "OF1": 0.64},
+            calib_per_class_ap=[0.8, 0.8, 0.83],
+            val_per_class_ap=[0.7, 0.8, 0.81],
+            val_pr_curve=([0.0, 0.5, 1.0], [1.0, 0.9, 0.4]),
+        ),
+        best_epoch=6,
+        best_calib_mAP=0.81,
+        history=[],
+        rng=rng_state(),
+        ema={},
+        optimizer={},
+        scheduler={},
+        scaler={},
+    ).save(folder / STATE_FILE)
+    return models
+
+
+@pytest.mark.parametrize("weights", ["model", "ema"])
+def test_the_logged_model_is_the_selected_weights_with_classes_thresholds_and_input_contract(
+    tmp_path, weights
+):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    models = write_checkpoint(folder, weights)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "t", (tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+
+    final = tracking.log_final_model(client, run_id, folder, ["cat", "dog", "bird"])
+
+    assert final["calib_mAP"] == 0.81 and final["val_mAP"] == 0.77 and final["best_epoch"] == 6
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["calib_mAP"] == 0.81 and metrics["val_mAP"] == 0.77 and metrics["val_CF1"] == 0.65
+    with tracking.tracking_uri(uri):
+        info = mlflow.models.get_model_info(final["model_uri"])
+        loaded = mlflow.pytorch.load_model(final["model_uri"])
+    meta = info.metadata
+    assert meta["classes"] == ["cat", "dog", "bird"] and meta["thresholds"] == [0.2, 0.4, 0.6]
+    assert meta["input"] == {
+        "image_size": 64,
+        "resize": "squash",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "channels": "RGB",
+        "layout": "NCHW float32, (uint8 / 255 - mean) / std",
+    }
+    assert meta["model_config"]["stem"] == models[weights].config.stem and meta["weights"] == weights
+    # The logged network is the selected one of the two.
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), models[weights](images))
+    classes = json.loads(Path(client.download_artifacts(run_id, "model_info/classes.json")).read_text())
+    assert classes["input"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_mltr_does_not_import_pipeline_or_jobs():
+    """The model and training side stands on its own: jobs/ composes it with pipeline/."""
+    offenders = []
+    for path in sorted((ROOT / "mltr").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("pipeline", "jobs")]
+    assert offenders == []
