@@ -4,8 +4,8 @@
     python -m jobs.train --config coco --data s3://bucket/datasets/coco   # preset: jobs/presets/train/coco.yaml
 
 parse -> :func:`resolve` (manifest, calibration split, model config: read once, on the driver)
--> :func:`start` (Ray, the MLflow run, the datasets) -> ``mltr.trainer.build_trainer`` -> fit ->
-:func:`report`. Ends with one JSON line: calib_mAP, val_mAP, epochs, mlflow_run_id, checkpoint, ...
+-> :func:`start` (Ray, the MLflow run, the datasets) -> ``mltr.trainer.build_trainer`` ->
+:func:`fit` -> :func:`report`. Ends with one JSON line: calib_mAP, val_mAP, epochs, mlflow_run_id, checkpoint, ...
 """
 
 from __future__ import annotations
@@ -247,10 +247,10 @@ def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
     return run, client
 
 
-def fit(run: TrainRun, client: MlflowClient):
+def fit(trainer, run: TrainRun, client: MlflowClient):
     """Train; the MLflow run is marked FAILED if training fails."""
     try:
-        return build_trainer(run).fit()
+        return trainer.fit()
     except Exception:
         client.set_terminated(run.mlflow_run_id, status="FAILED")
         raise
@@ -292,8 +292,8 @@ def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> d
 def run(config: TrainConfig) -> dict:
     resolved = resolve(config)
     train_run, client = start(resolved)
-    result = fit(train_run, client)
-    return report(resolved, train_run, client, result)
+    trainer = build_trainer(train_run)
+    return report(resolved, train_run, client, fit(trainer, train_run, client))
 
 
 def main(argv: list[str] | None = None) -> int:

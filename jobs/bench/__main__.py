@@ -12,6 +12,7 @@ BENCHES = {
     "model-gpu": "jobs.bench.model_gpu",
     "train-overhead": "jobs.bench.train_overhead",
     "train-gpu": "jobs.bench.train_gpu",
+    "tiny-recipe": "jobs.bench.tiny_recipe",
 }
 
 

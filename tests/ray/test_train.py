@@ -11,6 +11,7 @@ from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
 from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import SELECTION_METRIC, WEIGHT_FILES
+from mltr.trainer import build_trainer
 from pipeline.convert import convert
 from pipeline.dataset import MANIFEST, load_manifest
 from pipeline.readers import read_index
@@ -103,7 +104,8 @@ def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(data
     manifest_file.rename(hidden)
     try:
         train_run, client = train_job.start(resolved)
-        resumed = train_job.report(resolved, train_run, client, train_job.fit(train_run, client))
+        trainer = build_trainer(train_run)
+        resumed = train_job.report(resolved, train_run, client, train_job.fit(trainer, train_run, client))
     finally:
         hidden.rename(manifest_file)
     assert resumed["mlflow_run_id"] == run_id

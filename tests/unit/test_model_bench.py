@@ -80,3 +80,28 @@ def test_cpu_bench_smoke(capsys):
         and "timm_train_images_per_s" not in result
     )
     assert bench_model.main(["--variant", "mltr_s", "--window-size", "8"]) == 2
+
+
+def test_tiny_recipe_bench_runs_both_stems_and_reports_against_the_baseline(tmp_path, capsys):
+    from jobs.bench import tiny_recipe
+
+    argv = [
+        "--images",
+        "40",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "8",
+        "--workdir",
+        str(tmp_path),
+    ]
+    assert tiny_recipe.main(argv) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["stem"], r["seed"]) for r in figures["runs"]] == [("patch", 0), ("conv", 0)]
+    assert [p["step"] for p in figures["runs"][1]["curve"]] == [2, 4]
+    assert figures["ratio"] == pytest.approx(
+        figures["conv_final_val_mAP"] / figures["patch_final_val_mAP"], abs=1e-3
+    )
+    assert 0 < figures["label_frequency_baseline_mAP"] < 1 and figures["train_rows"] > figures["val_rows"] > 0
