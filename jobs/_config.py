@@ -50,6 +50,10 @@ class _Leaf:
     type: Any  # the field's resolved type
 
 
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f.name)
+
+
 def _leaves(cls: type) -> list[_Leaf]:
     hints = typing.get_type_hints(cls)
     out: list[_Leaf] = []
@@ -58,7 +62,7 @@ def _leaves(cls: type) -> list[_Leaf]:
         if dataclasses.is_dataclass(tp):
             out += _leaves(tp)
         else:
-            out.append(_Leaf(f.metadata.get("flag", f.name), f, tp))
+            out.append(_Leaf(_flag(f), f, tp))
     seen: dict[str, int] = {}
     for leaf in out:
         seen[leaf.flag] = seen.get(leaf.flag, 0) + 1
@@ -75,8 +79,8 @@ def from_flat(cls: type[T], values: dict[str, Any]) -> T:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             kwargs[f.name] = from_flat(hints[f.name], values)
-        elif f.metadata.get("flag", f.name) in values:
-            kwargs[f.name] = values[f.metadata.get("flag", f.name)]
+        elif _flag(f) in values:
+            kwargs[f.name] = values[_flag(f)]
     return cls(**kwargs)
 
 
@@ -87,7 +91,7 @@ def _flat(config: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out.update(_flat(value))
         else:
-            out[f.metadata.get("flag", f.name)] = value
+            out[_flag(f)] = value
     return out
 
 
