@@ -45,7 +45,7 @@ NUS_CONCEPTS = (
     "nighttime", "ocean", "person", "plane", "plants", "police", "protest", "railroad", "rainbow", "reflection",
     "road", "rocks", "running", "sand", "sign", "sky", "snow", "soccer", "sports", "statue",
     "street", "sun", "sunset", "surf", "swimmers", "tattoo", "temple", "tiger", "tower", "town",
-    "toys", "train", "tree", "valley", "vehicle", "water", "waterfall", "wedding", "whales", "window",
+    "toy", "train", "tree", "valley", "vehicle", "water", "waterfall", "wedding", "whales", "window",
     "zebra",
 )  # fmt: skip
 
