@@ -9,11 +9,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.dataset import DatasetNotFound
-from pipeline.readers import AnnotationError, LayoutError
+from mltr.errors import MltrError
 
-# Errors a user fixes by changing input or flags: a message and exit status 2, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (LayoutError, AnnotationError, DatasetNotFound, ValueError)
+EXIT_USER_ERROR = 2  # a MltrError: bad flags or input, one line naming the problem
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -45,12 +44,19 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
 
 def run_job(name: str, body: Callable[[], dict | None]) -> int:
-    """Run a job body: print its result as one JSON line; known input errors exit 2 with a message."""
+    """Run a job body: print its result as one JSON line.
+
+    A :class:`~mltr.errors.MltrError` (bad flags or input) exits 2 with one line; Ctrl-C exits 130
+    with one line; any other exception is a bug and keeps its traceback (exit 1).
+    """
     try:
         result = body()
-    except USER_ERRORS as exc:
+    except MltrError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0

@@ -12,6 +12,7 @@ from typing import Literal
 
 from jobs._config import opt, parse_config
 from jobs._runtime import run_job
+from mltr.errors import ConfigError
 from pipeline.synthetic import generate
 
 
@@ -31,7 +32,7 @@ class SyntheticConfig:
 
     def __post_init__(self):
         if not self.out:
-            raise ValueError("--out is required")
+            raise ConfigError("--out is required")
 
 
 def run(config: SyntheticConfig) -> dict:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from jobs._config import opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
+from mltr.errors import ConfigError
 from pipeline.convert import convert
 from pipeline.images import ImageSettings
 from pipeline.readers import read_index
@@ -34,11 +35,11 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if not self.root:
-            raise ValueError("--root is required: the folder holding the dataset")
+            raise ConfigError("--root is required: the folder holding the dataset")
         if not self.out:
-            raise ValueError("--out is required: a folder or s3://bucket/prefix")
+            raise ConfigError("--out is required: a folder or s3://bucket/prefix")
         if self.rows_per_shard < 1:
-            raise ValueError(f"--rows-per-shard must be positive, got {self.rows_per_shard}")
+            raise ConfigError(f"--rows-per-shard must be positive, got {self.rows_per_shard}")
 
 
 def run(config: PreprocessConfig) -> dict:

@@ -3,13 +3,15 @@
     python -m jobs.train --data s3://bucket/datasets/coco --model mltr_s --num-workers 8 --use-gpu
     python -m jobs.train --config coco --data s3://bucket/datasets/coco   # preset: jobs/presets/train/coco.yaml
 
-parse -> :func:`resolve` (manifest, calibration split, model config: read once, on the driver)
--> :func:`start` (Ray, the MLflow run, the datasets) -> ``mltr.trainer.build_trainer`` ->
-:func:`fit` -> :func:`report`. Ends with one JSON line: calib_mAP, val_mAP, epochs, mlflow_run_id, checkpoint, ...
+parse -> :func:`resolve` (manifest, calibration split, model config: read once, on the driver;
+the MLflow server checked) -> :func:`start` (Ray, the datasets, the MLflow run) ->
+``mltr.trainer.build_trainer`` -> fit -> :func:`report`, the MLflow run marked FAILED (KILLED
+on Ctrl-C) if anything after its start fails. Ends with one JSON line: calib_mAP, val_mAP, epochs, mlflow_run_id, checkpoint, ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,6 +26,7 @@ from jobs._config import component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr import tracking
 from mltr.config import ModelArgs, OptimConfig, ScalingArgs
+from mltr.errors import ConfigError
 from mltr.model import MlTrConfig
 from mltr.train import epoch_batches, label_frequency_baseline
 from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer
@@ -56,13 +59,13 @@ class DataArgs:
 
     def __post_init__(self):
         if not self.uri:
-            raise ValueError("--data is required: the converted dataset, <out>/<dataset>")
+            raise ConfigError("--data is required: the converted dataset, <out>/<dataset>")
         if not 0.0 < self.calib_fraction < 1.0:
-            raise ValueError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
+            raise ConfigError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
         if self.calib_max < 1:
-            raise ValueError(f"--calib-max must be at least 1, got {self.calib_max}")
+            raise ConfigError(f"--calib-max must be at least 1, got {self.calib_max}")
         if self.decode_actors is not None and self.decode_actors < 1:
-            raise ValueError(f"--decode-actors must be at least 1, got {self.decode_actors}")
+            raise ConfigError(f"--decode-actors must be at least 1, got {self.decode_actors}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Resolved:
     model: MlTrConfig
     calib: CalibSplit
     baseline_mAP: float  # the label-frequency baseline on val (train frequencies, calibration rows excluded)
+    mlflow_uri: str  # checked to answer before Ray starts
 
 
 def resolve(config: TrainConfig) -> Resolved:
@@ -119,7 +123,7 @@ def resolve(config: TrainConfig) -> Resolved:
     try:  # the workers cut the training stream into epochs with it: refuse here what they would
         epoch_batches(calib.fit_rows, config.scaling.num_workers, config.optim.batch_size, 0)
     except ValueError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"the train split less its {calib.calib_rows} calibration rows: {exc}: "
             f"lower --batch-size or --num-workers"
         ) from None
@@ -131,7 +135,9 @@ def resolve(config: TrainConfig) -> Resolved:
         val["labels"].to_pylist(), val["ignore"].to_pylist(), manifest.num_classes
     )
     baseline = label_frequency_baseline(train_targets[fit], val_targets, val_ignore)
-    return Resolved(config, manifest, model, calib, baseline)
+    mlflow_uri = config.run.mlflow_uri or tracking.default_tracking_uri(Path(config.run.workdir).resolve())
+    tracking.check_reachable(mlflow_uri)
+    return Resolved(config, manifest, model, calib, baseline, mlflow_uri)
 
 
 def train_cpus(scaling: ScalingArgs) -> int:
@@ -162,13 +168,13 @@ def check_resources(scaling: ScalingArgs, actors: int) -> None:
     total = ray.cluster_resources()
     need_cpu = train_cpus(scaling) + actors + EVAL_CPUS
     if total.get("CPU", 0) < need_cpu:
-        raise ValueError(
+        raise ConfigError(
             f"the cluster has {total.get('CPU', 0):g} CPUs; {scaling.num_workers} workers x "
             f"{scaling.cpus_per_worker:g} CPUs, {actors} decode actors and {EVAL_CPUS} CPU for evaluation "
             f"need {need_cpu:g}: lower --num-workers, --cpus-per-worker or --decode-actors, or add nodes"
         )
     if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
-        raise ValueError(
+        raise ConfigError(
             f"--use-gpu needs one GPU per worker: {scaling.num_workers} workers, the cluster has "
             f"{total.get('GPU', 0):g} GPUs; lower --num-workers or add GPU nodes"
         )
@@ -197,20 +203,26 @@ def data_plan(resolved: Resolved, actors: int) -> DataPlan:
 
 
 def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
-    """Connect to Ray, open (or reopen) the MLflow run and build the datasets: the resolved run."""
+    """Connect to Ray, build the datasets, then open (or reopen) the MLflow run: the resolved run.
+
+    The MLflow run is opened last, so a failure before it leaves no run behind; from then on
+    :func:`run` marks it FAILED (KILLED on Ctrl-C) if anything fails.
+    """
     import ray
 
     config, manifest = resolved.config, resolved.manifest
     init_ray(config.run.address, num_cpus=local_cpus(config))
     actors = decode_actors(config, ray.cluster_resources().get("CPU", 0))
     check_resources(config.scaling, actors)
+    data = data_plan(resolved, actors)
 
     workdir = Path(config.run.workdir).resolve()
     name = (
         config.run.name
         or f"{manifest.name}-{config.model.variant}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     )
-    mlflow_uri = config.run.mlflow_uri or tracking.default_tracking_uri(workdir)
+    storage = resolve_storage(config.run.storage or str(workdir / "ray_results"))
+    mlflow_uri = resolved.mlflow_uri
     client = MlflowClient(mlflow_uri)
     artifact_root = (workdir / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None
     experiment_id = tracking.ensure_experiment(client, config.run.experiment, artifact_root)
@@ -223,19 +235,22 @@ def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
     tags = {
         "mltr.dataset": manifest.name,
         "mltr.dataset_uri": config.data.uri,
-        "mltr.dataset_fingerprint": manifest.fingerprint,
         "mltr.model": config.model.variant,
     }
-    run_id, resumed = tracking.start_or_resume_run(client, experiment_id, name, params, tags)
+    identity = tracking.RunIdentity(
+        model_config=tracking.jsonable(dataclasses.asdict(resolved.model)),
+        dataset_fingerprint=manifest.fingerprint,
+        loss=config.optim.loss,
+    )
+    run_id, resumed = tracking.start_or_resume_run(
+        client, experiment_id, name, params, tags, identity, config.optim.epochs
+    )
     log.info("MLflow run %s (%s) in %s", run_id, "resumed" if resumed else "new", mlflow_uri)
-    client.log_metric(run_id, "label_frequency_baseline_mAP", resolved.baseline_mAP)
-
-    storage = resolve_storage(config.run.storage or str(workdir / "ray_results"))
     run = TrainRun(
         name=name,
         model=resolved.model,
         optim=config.optim,
-        data=data_plan(resolved, actors),
+        data=data,
         scaling=config.scaling,
         storage_path=storage.path,
         storage_filesystem=storage.fs if storage.scheme == "s3" else None,
@@ -247,26 +262,17 @@ def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
     return run, client
 
 
-def fit(trainer, run: TrainRun, client: MlflowClient):
-    """Train; the MLflow run is marked FAILED if training fails."""
-    try:
-        return trainer.fit()
-    except Exception:
-        client.set_terminated(run.mlflow_run_id, status="FAILED")
-        raise
-
-
 def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> dict:
-    """Log the selected model and its figures, close the MLflow run, and say what was trained."""
+    """Log the selected model and its figures, mark the MLflow run FINISHED, and say what was trained."""
+    client.log_metric(run.mlflow_run_id, "label_frequency_baseline_mAP", resolved.baseline_mAP)
     best = best_checkpoint(result)
     with best.as_directory() as folder:
         final = tracking.log_final_model(
             client, run.mlflow_run_id, Path(folder), list(resolved.manifest.classes)
         )
-    client.set_terminated(run.mlflow_run_id, status="FINISHED")
     metrics = result.metrics or {}
     storage = "s3://" if run.storage_filesystem is not None else ""
-    return {
+    summary = {
         "calib_mAP": final["calib_mAP"],
         "val_mAP": final["val_mAP"],
         "val_CF1": final["val_CF1"],
@@ -287,13 +293,16 @@ def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> d
         "checkpoint": f"{storage}{best.path}",
         "name": run.name,
     }
+    client.set_terminated(run.mlflow_run_id, status="FINISHED")
+    return summary
 
 
 def run(config: TrainConfig) -> dict:
     resolved = resolve(config)
     train_run, client = start(resolved)
-    trainer = build_trainer(train_run)
-    return report(resolved, train_run, client, fit(trainer, train_run, client))
+    with tracking.run_outcome(client, train_run.mlflow_run_id):
+        trainer = build_trainer(train_run)
+        return report(resolved, train_run, client, trainer.fit())
 
 
 def main(argv: list[str] | None = None) -> int:

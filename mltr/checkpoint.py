@@ -197,7 +197,7 @@ class TrainState:
     best_epoch: int  # the epoch, so far, whose selection scored the highest calibration mAP
     best_calib_mAP: float
     history: list[dict[str, Any]]  # {"epoch": e, "metrics": {...}} for every epoch so far
-    rng: dict[str, Any]  # see mltr.train.rng_state
+    rng: list[dict[str, Any]]  # every rank's generators, in rank order (mltr.train.gather_rng_states)
     ema: dict[str, Any]  # state dicts of the EMA, optimiser, schedule and grad scaler
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]

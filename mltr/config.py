@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mltr.errors import ConfigError
 from mltr.model import VARIANTS, MlTrConfig
 
 
@@ -37,7 +38,7 @@ class ModelArgs:
     def resolve(self, num_classes: int) -> MlTrConfig:
         """The model's full config for ``num_classes`` classes; raises ``ValueError`` naming what to change."""
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown model {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown model {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
         overrides: dict[str, Any] = {"num_classes": num_classes, "head": self.head}
         for name in ("image_size", "window_size", "drop_path_rate"):
             if getattr(self, name) is not None:
@@ -63,13 +64,13 @@ class OptimConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "accumulate"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0.0 < self.warmup < 1.0:
-            raise ValueError(f"--warmup must be a fraction in (0, 1), got {self.warmup}")
+            raise ConfigError(f"--warmup must be a fraction in (0, 1), got {self.warmup}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,6 @@ class ScalingArgs:
 
     def __post_init__(self):
         if self.num_workers < 1:
-            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
+            raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
-            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+            raise ConfigError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")

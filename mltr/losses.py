@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mltr.errors import ConfigError
+
 
 def _reduce(loss: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
     """Sum over the non-ignored entries of a (B, K) loss, divided by B."""
@@ -101,7 +103,7 @@ class MultiLabelLoss(nn.Module):
     def __init__(self, name: str, **kwargs: Any):
         super().__init__()
         if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+            raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
         self.name = name
         self.kwargs = kwargs
         self.fn = LOSSES[name]

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mltr.errors import ConfigError
+
 _logger = logging.getLogger(__name__)
 
 # Added to the attention logits of token pairs the shifted-window mask separates (Swin's value).
@@ -181,38 +183,38 @@ class MlTrConfig:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         object.__setattr__(self, "stem_widths", tuple(int(w) for w in self.stem_widths))
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans or min(self.std) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"mean {self.mean} and std {self.std} need one value per input channel ({self.in_chans}), "
                 f"std positive"
             )
         if self.resize not in RESIZE_RULES:
-            raise ValueError(f"unknown resize rule {self.resize!r}; choose one of {', '.join(RESIZE_RULES)}")
+            raise ConfigError(f"unknown resize rule {self.resize!r}; choose one of {', '.join(RESIZE_RULES)}")
         if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', not {self.stem!r}")
+            raise ConfigError(f"stem must be 'patch' or 'conv', not {self.stem!r}")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got {self.patch_size}")
+            raise ConfigError(f"the conv stem needs a power-of-two patch_size >= 2, got {self.patch_size}")
         convs = self.patch_size.bit_length() - 1
         if self.stem_widths and (
             self.stem != "conv" or len(self.stem_widths) != convs or min(self.stem_widths) < 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"stem_widths {self.stem_widths} needs the conv stem and one positive width per stride-2 "
                 f"conv: {convs} for patch_size {self.patch_size}"
             )
         num_stages = len(self.depths)
         if num_stages == 0 or len(self.num_heads) != num_stages:
-            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need one entry per stage")
+            raise ConfigError(f"depths {self.depths} and num_heads {self.num_heads} need one entry per stage")
         for i, heads in enumerate(self.num_heads):
             if self.stage_dims[i] % heads:
-                raise ValueError(f"stage {i} width {self.stage_dims[i]} is not divisible by {heads} heads")
+                raise ConfigError(f"stage {i} width {self.stage_dims[i]} is not divisible by {heads} heads")
         if self.head not in ("pool", "query"):
-            raise ValueError(f"head must be 'pool' or 'query', not {self.head!r}")
+            raise ConfigError(f"head must be 'pool' or 'query', not {self.head!r}")
         if self.head == "query" and self.decoder_dim % self.query_heads:
-            raise ValueError(f"query_dim {self.decoder_dim} is not divisible by {self.query_heads} heads")
+            raise ConfigError(f"query_dim {self.decoder_dim} is not divisible by {self.query_heads} heads")
         step = self.patch_size * 2 ** (num_stages - 1)
         if self.image_size < step or self.image_size % step:
             lower = max(step, self.image_size // step * step)
-            raise ValueError(
+            raise ConfigError(
                 f"image_size={self.image_size} must be a multiple of patch_size * 2**(num_stages - 1) = "
                 f"{step} (each of the {num_stages - 1} patch mergings halves the grid); "
                 f"nearest: {lower}, {lower + step}"
@@ -221,7 +223,7 @@ class MlTrConfig:
         if not window_fits(resolutions, self.window_size):
             windows = fitting_window_sizes(self.image_size, self.patch_size, num_stages)
             images = fitting_image_sizes(self.window_size, self.patch_size, num_stages, near=self.image_size)
-            raise ValueError(
+            raise ConfigError(
                 f"window_size={self.window_size} does not fit image_size={self.image_size}: the stage grids "
                 f"are {resolutions} and a window must divide every grid larger than itself (a grid not "
                 f"larger than the window is one window). Window sizes that fit image_size "
@@ -764,7 +766,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **overrides: Any) -> MlTr:
     """Build a named variant; any :class:`MlTrConfig` field can be overridden (``window_size=12``, ...)."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(VARIANTS)}")
     fields = {f.name for f in dataclasses.fields(MlTrConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
+from mltr.errors import ConfigError
+
 NAME_TAG = "mltr.train_name"
+MODEL_CONFIG_TAG = "mltr.model_config"
+EPOCHS_TAG = "mltr.epochs"  # the epochs the run is asked for now (params are immutable)
+EPOCHS_HISTORY_TAG = "mltr.epochs_history"  # every target it was given, comma-separated
 EPOCH_KEY = "epoch"  # logged once per epoch (step = epoch): the marker of an epoch already in MLflow
 
 
@@ -44,30 +49,155 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
     return client.create_experiment(name, artifact_location=artifact_root)
 
 
+def filter_value(value: str) -> str | None:
+    """``value`` quoted for an MLflow search filter, or None if no quoting can hold it.
+
+    MLflow's filter parser strips one pair of quotes and unescapes nothing: a value holding single
+    quotes goes in double quotes and vice versa; one holding both cannot be written exactly.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def runs_tagged(client: MlflowClient, experiment_ids: list[str], key: str, value: str) -> list[Run]:
+    """The runs whose tag ``key`` is exactly ``value`` (any characters), newest first."""
+    quoted = filter_value(value)
+    if quoted is not None:
+        clause = f"tags.`{key}` = {quoted}"
+    else:  # both kinds of quote: match them with LIKE's one-character wildcard, then compare exactly
+        clause = f"tags.`{key}` LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
+    runs = client.search_runs(experiment_ids, filter_string=clause, order_by=["attributes.start_time DESC"])
+    return [run for run in runs if run.data.tags.get(key) == value]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """What a run must keep to be resumed: the model it builds, the data it reads, the loss it minimises.
+
+    Stored as tags when the run is created; starting the same name with another identity is refused.
+    """
+
+    model_config: dict[str, Any]  # the resolved MlTrConfig, as a JSON-able dict
+    dataset_fingerprint: str
+    loss: str
+
+    def tags(self) -> dict[str, str]:
+        return {
+            MODEL_CONFIG_TAG: json.dumps(self.model_config, sort_keys=True),
+            "mltr.dataset_fingerprint": self.dataset_fingerprint,
+            "mltr.loss": self.loss,
+        }
+
+    def differences(self, tags: Mapping[str, str]) -> list[str]:
+        """What differs from a run's tags, one phrase each (tags a run does not have are not compared)."""
+        out = []
+        if MODEL_CONFIG_TAG in tags:
+            old = json.loads(tags[MODEL_CONFIG_TAG])
+            out += [
+                f"model {k} {old.get(k)!r} -> {v!r}"
+                for k, v in sorted(self.model_config.items())
+                if old.get(k) != v
+            ]
+        for tag, name, new in (
+            ("mltr.dataset_fingerprint", "dataset fingerprint", self.dataset_fingerprint),
+            ("mltr.loss", "loss", self.loss),
+        ):
+            if tag in tags and tags[tag] != new:
+                out.append(f"{name} {tags[tag]} -> {new}")
+        return out
+
+
 def start_or_resume_run(
     client: MlflowClient,
     experiment_id: str,
     train_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
+    identity: RunIdentity,
+    epochs: int,
 ) -> tuple[str, bool]:
-    """The run tagged with ``train_name`` in the experiment, or a new one; returns (run_id, resumed)."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{NAME_TAG}` = '{train_name}'",
-        order_by=["attributes.start_time DESC"],
+    """The run tagged with ``train_name`` in the experiment, reopened, or a new one; returns (run_id, resumed).
+
+    A run is reopened only with the same identity and at least as many epochs as it was asked for;
+    a FINISHED run only to be extended (more epochs). Each change of ``epochs`` is recorded in the
+    tags ``mltr.epochs`` (the current target) and ``mltr.epochs_history``. Refusals raise
+    :class:`~mltr.errors.ConfigError` saying what to do.
+    """
+    runs = runs_tagged(client, [experiment_id], NAME_TAG, train_name)
+    if not runs:
+        run = client.create_run(experiment_id, run_name=train_name, tags={NAME_TAG: train_name})
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, _param_value(v)) for k, v in params.items()],
+            tags=[RunTag(k, str(v)) for k, v in {**tags, **identity.tags(), EPOCHS_TAG: str(epochs)}.items()],
+        )
+        client.set_tag(run.info.run_id, EPOCHS_HISTORY_TAG, str(epochs))
+        return run.info.run_id, False
+    run = runs[0]
+    run_id, run_tags = run.info.run_id, run.data.tags
+    where = f"run {train_name!r} (MLflow run {run_id})"
+    differences = identity.differences(run_tags)
+    if differences:
+        raise ConfigError(
+            f"{where} was started with another model, dataset or loss ({'; '.join(differences)}): "
+            f"start it under a new --name"
+        )
+    previous = int(run_tags.get(EPOCHS_TAG) or run.data.params.get("epochs") or 0)
+    if run.info.status == "FINISHED" and epochs <= previous:
+        raise ConfigError(
+            f"{where} already finished its {previous} epochs: start a new --name, "
+            f"or pass --epochs above {previous} to extend it"
+        )
+    if epochs < previous:
+        raise ConfigError(f"{where} was started for {previous} epochs; --epochs {epochs} would cut it short")
+    if epochs != previous:
+        history = run_tags.get(EPOCHS_HISTORY_TAG, str(previous))
+        client.set_tag(run_id, EPOCHS_TAG, str(epochs))
+        client.set_tag(run_id, EPOCHS_HISTORY_TAG, f"{history},{epochs}")
+    client.update_run(run_id, status="RUNNING")
+    return run_id, True
+
+
+@contextlib.contextmanager
+def run_outcome(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Mark the run FAILED if the block raises, KILLED on Ctrl-C (the block marks success itself)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+
+def check_reachable(uri: str, timeout: float = 15.0) -> None:
+    """Fail fast, naming ``uri``, when an MLflow server does not answer (a local store needs no check)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(
+                f"{uri.rstrip('/')}/health", timeout=max(1.0, deadline - time.monotonic())
+            ):
+                return
+        except urllib.error.HTTPError as exc:  # the server answered: it is there
+            if exc.code < 500:
+                return
+            last = exc
+        except OSError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise ConfigError(
+        f"the MLflow server {uri} did not answer within {timeout:g} s ({last}): check --mlflow-uri"
     )
-    if runs:
-        run_id = runs[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id, True
-    run = client.create_run(experiment_id, run_name=train_name, tags={NAME_TAG: train_name, **tags})
-    client.log_batch(
-        run.info.run_id,
-        params=[Param(k, _param_value(v)) for k, v in params.items()],
-        tags=[RunTag(k, str(v)) for k, v in tags.items()],
-    )
-    return run.info.run_id, False
 
 
 def _param_value(value: Any) -> str:
@@ -235,7 +365,7 @@ def log_final_model(client: MlflowClient, run_id: str, checkpoint_dir: Path, cla
                 "classes": classes,
                 "thresholds": chosen.thresholds,
                 "input": contract,
-                "model_config": _jsonable(dataclasses.asdict(model.config)),
+                "model_config": jsonable(dataclasses.asdict(model.config)),
                 "weights": chosen.weights,
                 "epoch": state.epoch,
             },
@@ -249,9 +379,10 @@ def log_final_model(client: MlflowClient, run_id: str, checkpoint_dir: Path, cla
     }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Tuples as lists, recursively: what JSON and YAML round-trip unchanged."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value

@@ -15,6 +15,7 @@ chooses the weights (model or EMA), their per-class thresholds and, across epoch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -48,6 +50,7 @@ WEIGHT_FILES = {"model": MODEL_FILE, "ema": EMA_FILE}
 # Reported every epoch: the calibration mAP of the weights that epoch would ship. It ranks the
 # checkpoints (the best one is the run's model) and is what a sweep's scheduler compares.
 SELECTION_METRIC = "selection_mAP"
+START_EPOCH_KEY = "start_epoch"  # logged by every start of the loop: a resume shows where it began
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,14 @@ def rng_state() -> dict[str, Any]:
     """This process's random generators as plain containers and tensors (loadable with ``weights_only``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached},
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -165,6 +171,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order, on every rank (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_state(states: list[dict[str, Any]], rank: int, seed: int) -> bool:
+    """Restore this rank's own generators from a checkpoint's per-rank states; returns whether it could.
+
+    A rank the checkpoint has no state for (the run resumed on more workers) is seeded afresh from
+    ``seed`` and its rank instead, so no two ranks ever draw the same numbers.
+    """
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return True
+    seed_everything(seed + rank + 7919 * len(states))
+    return False
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def forward_backward(
@@ -173,15 +209,23 @@ def forward_backward(
     batch: dict[str, torch.Tensor],
     device: torch.device,
     accumulate: int,
+    sync: bool = True,
 ) -> float:
-    """One micro-batch: normalise the uint8 images on the device, forward, loss, backward; returns the loss."""
-    images = model_input(model, batch, device)
-    with autocast(device):
-        logits = model(images)
-    loss = (
-        criterion(logits.float(), batch["targets"].to(device), batch["ignore_mask"].to(device)) / accumulate
-    )
-    loss.backward()
+    """One micro-batch: normalise the uint8 images on the device, forward, loss, backward; returns the loss.
+
+    ``sync=False`` on the micro-batches before the last of an accumulation: a DDP model then skips
+    its gradient all-reduce (``no_sync``), which the last micro-batch does for all of them.
+    """
+    skip = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
+    with model.no_sync() if skip else contextlib.nullcontext():
+        images = model_input(model, batch, device)
+        with autocast(device):
+            logits = model(images)
+        loss = (
+            criterion(logits.float(), batch["targets"].to(device), batch["ignore_mask"].to(device))
+            / accumulate
+        )
+        loss.backward()
     return loss.item() * accumulate
 
 
@@ -282,9 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(opt.seed + rank)
-    np.random.seed(opt.seed + rank)
-    random.seed(opt.seed + rank)
+    seed_everything(opt.seed + rank)
 
     model = MlTr(cfg.model)
     if cfg.init_from:
@@ -312,7 +354,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         scaler.load_state_dict(state.scaler)
-        set_rng_state(state.rng)
+        if not restore_rng_state(state.rng, rank, opt.seed) and rank == 0:
+            log.info("the checkpoint holds RNG states for %d workers; the others start fresh", len(state.rng))
         start_epoch, history = state.epoch + 1, state.history
         best_epoch, best_score = state.best_epoch, state.best_calib_mAP
         if rank == 0:
@@ -323,6 +366,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Epochs checkpointed but not logged (the worker died in between) are logged now.
         for record in history:
             tracking.log_epoch(client, cfg.mlflow_run_id, record["epoch"], record["metrics"])
+        # Where each start of the loop began (0, then the epoch after each checkpoint it resumed).
+        client.log_metric(cfg.mlflow_run_id, START_EPOCH_KEY, start_epoch, step=start_epoch)
 
     # The train split is one stream of all the epochs (see pipeline.ingest), read by one iterator
     # and cut into epochs by batch count; after a restart it starts again from its first pass.
@@ -346,8 +391,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"the training stream ended in epoch {epoch} after {i} of {batches} batches"
                 )
             wait += time.perf_counter() - fetch
-            loss_sum += forward_backward(model, criterion, batch, device, opt.accumulate)
-            if (i + 1) % opt.accumulate == 0 or i + 1 == batches:  # every epoch ends with a step
+            step = (i + 1) % opt.accumulate == 0 or i + 1 == batches  # every epoch ends with a step
+            loss_sum += forward_backward(model, criterion, batch, device, opt.accumulate, sync=step)
+            if step:
                 optimizer_step(model, optimizer, scheduler, ema, opt.grad_clip)
             seen += batch["image"].shape[0]
         train_seconds = time.perf_counter() - started
@@ -379,6 +425,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         history.append({"epoch": epoch, "metrics": metrics})
 
+        rng = gather_rng_states()  # every rank's own generators, saved with the checkpoint
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:
@@ -391,7 +438,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     best_epoch=best_epoch,
                     best_calib_mAP=best_score,
                     history=history,
-                    rng=rng_state(),
+                    rng=rng,
                     ema=ema.state_dict(),
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),

@@ -30,6 +30,7 @@ import ray.data
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from mltr.errors import ConfigError
 from pipeline.dataset import (
     MANIFEST,
     REJECTS,
@@ -193,7 +194,7 @@ def convert(
     """Convert an indexed dataset to ``<out>/<index.name>/``; Ray must be initialised by the caller."""
     settings = settings or ImageSettings()
     if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+        raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
     start = time.perf_counter()
     location = resolve(out).join(index.name)
     # Uncommit first: from here until the new manifest lands, readers refuse this dataset.

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data import DataContext
 
+from mltr.errors import ConfigError, MltrError
 from pipeline.storage import Location, resolve
 
 SCHEMA_VERSION = 1
@@ -43,8 +44,12 @@ SCHEMA = pa.schema(
 )
 
 
-class DatasetNotFound(Exception):
+class DatasetNotFound(MltrError):
     """No committed dataset at a URI (no manifest: missing, or a conversion that did not finish)."""
+
+
+class SplitNotFound(DatasetNotFound, KeyError):
+    """A split the dataset does not have (``val`` of a dataset converted with ``--splits train``)."""
 
 
 # --- the manifest: one typed owner of _manifest.json ------------------------------------------------
@@ -162,7 +167,7 @@ class Manifest:
     def _check(self, split: str) -> str:
         if split not in self.splits:
             where = self.location.uri if self.location else self.dataset
-            raise KeyError(f"dataset {where} has no split {split!r}; it has {list(self.splits)}")
+            raise SplitNotFound(f"dataset {where} has no split {split!r}; it has {list(self.splits)}")
         return split
 
     def to_json(self) -> str:
@@ -289,9 +294,9 @@ def plan_calibration(image_ids: Sequence[str], fraction: float, max_rows: int) -
     added later can push earlier calibration rows out, never pull a trained-on row in.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"the calibration fraction must be in (0, 1), got {fraction}")
+        raise ConfigError(f"the calibration fraction must be in (0, 1), got {fraction}")
     if max_rows < 1:
-        raise ValueError(f"the calibration split needs at least 1 row, got a maximum of {max_rows}")
+        raise ConfigError(f"the calibration split needs at least 1 row, got a maximum of {max_rows}")
     scores = np.sort(np.fromiter((calib_score(i) for i in image_ids), dtype=np.float64, count=len(image_ids)))
     cutoff = fraction
     if np.count_nonzero(scores < cutoff) > max_rows:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from mltr.errors import ConfigError
+
 # Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
 REJECT_REASONS = {
     "missing": "the file listed by the annotations does not exist",
@@ -43,9 +45,9 @@ class ImageSettings:
 
     def __post_init__(self):
         if self.max_side < 16:
-            raise ValueError(f"max_side must be at least 16, got {self.max_side}")
+            raise ConfigError(f"max_side must be at least 16, got {self.max_side}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+            raise ConfigError(f"quality must be in 1..100, got {self.quality}")
 
 
 def read_file(path: str) -> bytes:

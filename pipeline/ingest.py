@@ -66,6 +66,7 @@ from ray.data.datasource import Datasource, ReadTask
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from mltr.errors import ConfigError
 from pipeline.convert import ROW_GROUP_SIZE
 from pipeline.dataset import Manifest, RowFilter
 
@@ -109,20 +110,20 @@ class AugmentConfig:
         object.__setattr__(self, "crop_ratio", tuple(float(r) for r in self.crop_ratio))
         object.__setattr__(self, "cutout_scale", tuple(float(r) for r in self.cutout_scale))
         if not 0 < self.crop_min_scale <= 1:
-            raise ValueError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"--crop-ratio must be low,high with 0 < low <= high, got {self.crop_ratio}")
+            raise ConfigError(f"--crop-ratio must be low,high with 0 < low <= high, got {self.crop_ratio}")
         for name in ("flip_p", "cutout_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(
+                raise ConfigError(
                     f"--{name.replace('_', '-')} must be a probability, got {getattr(self, name)}"
                 )
         if len(self.cutout_scale) != 2 or not 0 < self.cutout_scale[0] <= self.cutout_scale[1] < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--cutout-scale must be low,high with 0 < low <= high < 1, got {self.cutout_scale}"
             )
         if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
-            raise ValueError("--randaugment-ops must be >= 0 and --randaugment-magnitude in 0..30")
+            raise ConfigError("--randaugment-ops must be >= 0 and --randaugment-magnitude in 0..30")
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,11 @@ class IngestConfig:
 
     def __post_init__(self):
         if self.num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {self.num_classes}")
         if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+            raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
         if self.resize not in RESIZE_RULES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown resize rule {self.resize!r}; this ingest knows {', '.join(RESIZE_RULES)}"
             )
 
@@ -310,7 +311,7 @@ class ShardUnits(Datasource):
         rows: RowFilter | None = None,
     ):
         if passes < 1:
-            raise ValueError(f"passes must be at least 1, got {passes}")
+            raise ConfigError(f"passes must be at least 1, got {passes}")
         if rows is not None and "image_id" not in columns:
             raise ValueError("a row filter needs the image_id column")
         shards = manifest.shards(split)  # raises KeyError for a split the dataset does not have
@@ -411,13 +412,13 @@ def build_dataset(
         rows=rows,
     )
     if not source.units:
-        raise ValueError(f"dataset {manifest.uri} has no rows in split {split!r}")
+        raise ConfigError(f"dataset {manifest.uri} has no rows in split {split!r}")
     map_kwargs.setdefault("batch_size", None)
     ds = ray.data.read_datasource(source, override_num_blocks=passes * len(source.units))
     if decode_actors is None:
         return ds.map_batches(transform_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", **map_kwargs)
     if decode_actors < 1:
-        raise ValueError(f"decode_actors must be at least 1, got {decode_actors}")
+        raise ConfigError(f"decode_actors must be at least 1, got {decode_actors}")
     return ds.map_batches(
         _Transform,
         fn_constructor_kwargs={"cfg": cfg},

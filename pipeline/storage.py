@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from mltr.errors import ConfigError
+
 
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -94,10 +96,10 @@ def resolve(uri: str) -> Location:
     if uri.startswith("s3://"):
         path = uri[len("s3://") :].rstrip("/")
         if not path:
-            raise ValueError(f"{uri!r}: an s3:// URI needs a bucket")
+            raise ConfigError(f"{uri!r}: an s3:// URI needs a bucket")
         return Location(_s3_filesystem(), path, "s3")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif "://" in uri:
-        raise ValueError(f"{uri!r}: unsupported storage scheme (use a local path, file:// or s3://)")
+        raise ConfigError(f"{uri!r}: unsupported storage scheme (use a local path, file:// or s3://)")
     return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "file")

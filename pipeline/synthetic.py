@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mltr.errors import ConfigError
 from pipeline.readers.nuswide import NUS_CONCEPTS
 from pipeline.readers.voc import VOC_CLASSES
 
@@ -153,7 +154,7 @@ def class_look(index: int, num_classes: int) -> tuple[str, tuple[int, int, int]]
 def spread_classes(count: int, num_classes: int) -> list[int]:
     """``count`` class indices spread evenly over ``0..num_classes-1`` (every k-th, starting at 0)."""
     if not 1 <= count <= num_classes:
-        raise ValueError(f"classes must be in 1..{num_classes}, got {count}")
+        raise ConfigError(f"classes must be in 1..{num_classes}, got {count}")
     return [i * num_classes // count for i in range(count)]
 
 
@@ -315,7 +316,7 @@ class _Drawn:
 def _assign_faults(n: int, fmt: str, rng: random.Random) -> dict[int, str]:
     kinds = [k for k in FAULT_OUTCOMES if fmt == "voc" or k not in VOC_ONLY_FAULTS]
     if n < 2 * len(kinds):
-        raise ValueError(f"--faults needs at least {2 * len(kinds)} images for {fmt}, got {n}")
+        raise ConfigError(f"--faults needs at least {2 * len(kinds)} images for {fmt}, got {n}")
     positions = rng.sample(range(n), len(kinds))
     return dict(zip(positions, kinds, strict=True))
 
@@ -549,13 +550,13 @@ def generate(
     overlapping little. None (the default) draws every class as described in the module docstring.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if layout not in ("official", "csv") or (layout == "csv" and fmt != "nuswide"):
-        raise ValueError(f"layout {layout!r} is not available for {fmt} (only nuswide has 'csv')")
+        raise ConfigError(f"layout {layout!r} is not available for {fmt} (only nuswide has 'csv')")
     if classes is not None and classes < 1:
-        raise ValueError(f"classes must be at least 1, got {classes}")
+        raise ConfigError(f"classes must be at least 1, got {classes}")
     if images < 2:
-        raise ValueError(f"need at least 2 images (one per split), got {images}")
+        raise ConfigError(f"need at least 2 images (one per split), got {images}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "coco":

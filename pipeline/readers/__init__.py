@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mltr.errors import ConfigError
 from pipeline.readers.base import (
     SPLITS,
     AnnotationError,
@@ -26,10 +27,10 @@ READERS: dict[str, Callable[..., DatasetIndex]] = {
 def read_index(dataset: str, root: str, splits: tuple[str, ...] = SPLITS) -> DatasetIndex:
     """Read a dataset's annotations into an index of images to convert."""
     if dataset not in READERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
-        raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
+        raise ConfigError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
     return READERS[dataset](root, tuple(splits))
 
 

@@ -10,14 +10,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mltr.errors import MltrError
+
 SPLITS = ("train", "val")
 
 
-class LayoutError(Exception):
+class LayoutError(MltrError):
     """The root is missing or does not hold the dataset's official layout (exit status 2)."""
 
 
-class AnnotationError(Exception):
+class AnnotationError(MltrError):
     """An annotation file that the whole dataset depends on cannot be parsed (exit status 2)."""
 
     def __init__(self, path: str | Path, problem: str):

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
 from mltr.tracking import EPOCH_KEY, tracking_uri
-from mltr.train import SELECTION_METRIC, WEIGHT_FILES
+from mltr.train import SELECTION_METRIC, START_EPOCH_KEY, WEIGHT_FILES
 from mltr.trainer import build_trainer
 from pipeline.convert import convert
 from pipeline.dataset import MANIFEST, load_manifest
@@ -104,13 +104,18 @@ def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(data
     manifest_file.rename(hidden)
     try:
         train_run, client = train_job.start(resolved)
-        trainer = build_trainer(train_run)
-        resumed = train_job.report(resolved, train_run, client, train_job.fit(trainer, train_run, client))
+        resumed = train_job.report(resolved, train_run, client, build_trainer(train_run).fit())
     finally:
         hidden.rename(manifest_file)
     assert resumed["mlflow_run_id"] == run_id
     assert resumed["epochs"] == EPOCHS + 1
     assert epochs_in_mlflow(uri, run_id) == list(range(EPOCHS + 1))
+    # It started from the checkpoint of its last epoch, not from scratch (MLflow's bookkeeping alone
+    # would hide a restart from zero: epochs already logged are not logged again).
+    starts = [(int(m.step), m.value) for m in client.get_metric_history(run_id, START_EPOCH_KEY)]
+    assert sorted(starts) == [(0, 0.0), (EPOCHS, EPOCHS)]
+    tags = client.get_run(run_id).data.tags
+    assert tags["mltr.epochs"] == str(EPOCHS + 1) and tags["mltr.epochs_history"] == f"{EPOCHS},{EPOCHS + 1}"
 
     # --init-from: a new run from the selected weights, at a learning rate too small to move them,
     # scores what they scored (one epoch from scratch sits near the label-frequency baseline).
@@ -151,3 +156,41 @@ def test_bad_configuration_fails_fast_with_what_to_change(dataset, tmp_path):
     shutil.copytree(dataset, empty / "copy", ignore=shutil.ignore_patterns(MANIFEST))
     with pytest.raises(DatasetNotFound, match="_manifest.json"):
         run(data=str(empty / "copy"))
+
+
+def test_a_failure_after_fit_marks_the_run_failed_and_a_finished_name_is_not_reopened(
+    dataset, tmp_path, monkeypatch
+):
+    from mltr import tracking
+    from mltr.errors import ConfigError
+
+    config = from_flat(
+        train_job.TrainConfig,
+        {"data": dataset, "epochs": 1, "batch_size": 16, "workdir": str(tmp_path), "name": "fails-late"},
+    )
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model could not be logged")
+
+    monkeypatch.setattr(tracking, "log_final_model", broken)
+    with pytest.raises(RuntimeError, match="could not be logged"):
+        train_job.run(config)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = tracking.runs_tagged(
+        client, [client.get_experiment_by_name("mltr").experiment_id], "mltr.train_name", "fails-late"
+    )
+    assert run.info.status == "FAILED"
+
+    # The failed run is reopened and finishes from its checkpoint, without training again.
+    monkeypatch.undo()
+    result = train_job.run(config)
+    assert (
+        result["mlflow_run_id"] == run.info.run_id
+        and client.get_run(run.info.run_id).info.status == "FINISHED"
+    )
+    assert [m.step for m in client.get_metric_history(run.info.run_id, START_EPOCH_KEY)] == [0, 1]
+    # Finished: the same name is refused, saying what to do.
+    with pytest.raises(
+        ConfigError, match="already finished its 1 epochs: start a new --name, or pass --epochs above 1"
+    ):
+        train_job.run(config)

@@ -206,7 +206,7 @@ def test_training_state_round_trips_and_loads_with_weights_only(tmp_path):
         best_epoch=3,
         best_calib_mAP=0.72,
         history=[{"epoch": e, "metrics": {"train_loss": 1.0 / (e + 1)}} for e in range(5)],
-        rng=rng_state(),
+        rng=[rng_state()],
         ema=ema.state_dict(),
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
@@ -233,9 +233,9 @@ def test_training_state_round_trips_and_loads_with_weights_only(tmp_path):
     make_scheduler(fresh_optimizer, 1e-3, 10).load_state_dict(loaded.scheduler)
     make_ema(model, 0.9).load_state_dict(loaded.ema)
     # The random generators are restored: the same draws follow.
-    set_rng_state(loaded.rng)
+    set_rng_state(loaded.rng[0])
     first = (torch.rand(3), np.random.rand(3), random.random())
-    set_rng_state(loaded.rng)
+    set_rng_state(loaded.rng[0])
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
 

@@ -15,20 +15,113 @@ from pipeline.synthetic import COCO_CATEGORIES
 pytestmark = pytest.mark.unit
 
 # NUS-WIDE ConceptsList/Concepts81.txt, in its order.
-CONCEPTS81 = """
-airport animal beach bear birds boats book bridge buildings cars castle cat cityscape clouds computer
-coral cow dancing dog earthquake elk fire fish flags flowers food fox frost garden glacier grass harbor
-horses house lake leaf map military moon mountain nighttime ocean person plane plants police protest
-railroad rainbow reflection road rocks running sand sign sky snow soccer sports statue street sun sunset
-surf swimmers tattoo temple tiger tower town toy train tree valley vehicle water waterfall wedding whales
-window zebra
-""".split()
+CONCEPTS81 = [
+    "airport",
+    "animal",
+    "beach",
+    "bear",
+    "birds",
+    "boats",
+    "book",
+    "bridge",
+    "buildings",
+    "cars",
+    "castle",
+    "cat",
+    "cityscape",
+    "clouds",
+    "computer",
+    "coral",
+    "cow",
+    "dancing",
+    "dog",
+    "earthquake",
+    "elk",
+    "fire",
+    "fish",
+    "flags",
+    "flowers",
+    "food",
+    "fox",
+    "frost",
+    "garden",
+    "glacier",
+    "grass",
+    "harbor",
+    "horses",
+    "house",
+    "lake",
+    "leaf",
+    "map",
+    "military",
+    "moon",
+    "mountain",
+    "nighttime",
+    "ocean",
+    "person",
+    "plane",
+    "plants",
+    "police",
+    "protest",
+    "railroad",
+    "rainbow",
+    "reflection",
+    "road",
+    "rocks",
+    "running",
+    "sand",
+    "sign",
+    "sky",
+    "snow",
+    "soccer",
+    "sports",
+    "statue",
+    "street",
+    "sun",
+    "sunset",
+    "surf",
+    "swimmers",
+    "tattoo",
+    "temple",
+    "tiger",
+    "tower",
+    "town",
+    "toy",
+    "train",
+    "tree",
+    "valley",
+    "vehicle",
+    "water",
+    "waterfall",
+    "wedding",
+    "whales",
+    "window",
+    "zebra",
+]
 
 # Pascal VOC 2007 (VOCdevkit's VOCcode/VOCinit.m classes), in that (alphabetical) order.
-VOC2007 = """
-aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike person
-pottedplant sheep sofa train tvmonitor
-""".split()
+VOC2007 = [
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 # MS-COCO 2014 instances_*.json "categories": (id, name), ids 1..90 with the official gaps.
 COCO2014 = [

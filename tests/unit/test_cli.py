@@ -60,3 +60,25 @@ def test_console_script_dispatches_to_jobs(tmp_path, capsys):
     assert (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").is_file()
     assert cli.main(["no-such-job"]) == 2
     assert "unknown job" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_exit_2_while_bugs_keep_their_traceback(capsys):
+    from jobs._runtime import run_job
+    from mltr.errors import ConfigError
+    from pipeline.dataset import SplitNotFound
+
+    def raises(error):
+        def body():
+            raise error
+
+        return body
+
+    assert run_job("train", raises(ConfigError("--epochs must be at least 1, got 0"))) == 2
+    assert capsys.readouterr().err == "train: error: --epochs must be at least 1, got 0\n"
+    assert run_job("train", raises(SplitNotFound("dataset /d has no split 'val'; it has ['train']"))) == 2
+    assert capsys.readouterr().err == "train: error: dataset /d has no split 'val'; it has ['train']\n"
+    assert run_job("train", raises(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "train: interrupted\n"
+    # A ValueError that is not the project's error is a bug: it propagates (Python prints it, exit 1).
+    with pytest.raises(ValueError, match="a bug"):
+        run_job("train", raises(ValueError("a bug")))

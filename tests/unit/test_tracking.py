@@ -2,6 +2,7 @@
 
 import ast
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from mltr import create_model, save_checkpoint, tracking
 from mltr.checkpoint import Selection, TrainState
+from mltr.errors import ConfigError
 from mltr.train import EMA_FILE, MODEL_FILE, STATE_FILE, rng_state
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +46,7 @@ def write_checkpoint(folder: Path, weights: str) -> dict[str, torch.nn.Module]:
         best_epoch=6,
         best_calib_mAP=0.81,
         history=[],
-        rng=rng_state(),
+        rng=[rng_state()],
         ema={},
         optimizer={},
         scheduler={},
@@ -103,3 +106,79 @@ def test_mltr_does_not_import_pipeline_or_jobs():
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("pipeline", "jobs")]
     assert offenders == []
+
+
+# --- runs found by name, refused resumes, outcomes ---------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, tracking.ensure_experiment(client, "e", (tmp_path / "artifacts").as_uri())
+
+
+IDENTITY = tracking.RunIdentity(
+    model_config={"window_size": 4, "stem": "conv"}, dataset_fingerprint="sha256:a", loss="asl"
+)
+
+
+def start(store, name, identity=IDENTITY, epochs=3):
+    client, experiment = store
+    return tracking.start_or_resume_run(client, experiment, name, {"epochs": epochs}, {}, identity, epochs)
+
+
+@pytest.mark.parametrize("name", ["plain", "it's", 'say "hi"', "both ' and \"", "50%_off"])
+def test_a_run_is_found_again_by_its_name_whatever_its_quotes(store, name):
+    run_id, resumed = start(store, name)
+    assert not resumed
+    start(store, "other " + name)  # a near miss that a LIKE pattern would also match
+    again, resumed = start(store, name)
+    assert (again, resumed) == (run_id, True)
+
+
+def test_resuming_with_another_model_dataset_or_loss_is_refused_naming_the_differences(store):
+    client, _ = store
+    run_id, _ = start(store, "r")
+    other = tracking.RunIdentity({"window_size": 2, "stem": "conv"}, "sha256:b", "bce")
+    with pytest.raises(ConfigError) as info:
+        start(store, "r", identity=other)
+    message = str(info.value)
+    assert "model window_size 4 -> 2" in message and "dataset fingerprint sha256:a -> sha256:b" in message
+    assert "loss asl -> bce" in message and "new --name" in message and run_id in message
+    assert "stem" not in message  # only what differs
+
+
+def test_a_finished_run_is_reopened_only_to_extend_it_and_the_extension_is_recorded(store):
+    client, _ = store
+    run_id, _ = start(store, "done", epochs=3)
+    client.set_terminated(run_id, status="FINISHED")
+    with pytest.raises(
+        ConfigError, match=r"already finished its 3 epochs: start a new --name, or pass --epochs above 3"
+    ):
+        start(store, "done", epochs=3)
+    assert start(store, "done", epochs=5) == (run_id, True)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.params["epochs"] == "3"
+    assert run.data.tags["mltr.epochs"] == "5" and run.data.tags["mltr.epochs_history"] == "3,5"
+    with pytest.raises(ConfigError, match="would cut it short"):
+        start(store, "done", epochs=4)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError("after fit"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_failure_or_ctrl_c_inside_the_run_marks_it(store, error, status):
+    client, _ = store
+    run_id, _ = start(store, f"fails-{status}")
+    with pytest.raises(type(error)), tracking.run_outcome(client, run_id):
+        raise error
+    assert client.get_run(run_id).info.status == status
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_fast_naming_it():
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"http://127.0.0.1:{port} did not answer within 2 s"):
+        tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - started < 10
+    tracking.check_reachable("sqlite:////nowhere/mlflow.db")  # a local store needs no server

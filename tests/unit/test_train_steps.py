@@ -6,10 +6,13 @@ import torch
 from sklearn.metrics import precision_recall_curve
 
 from mltr.config import ModelArgs, OptimConfig, ScalingArgs
+from mltr.losses import build_loss
 from mltr.model import IMAGENET_MEAN, IMAGENET_STD, MlTrConfig, create_model, normalize
 from mltr.train import (
     epoch_batches,
+    forward_backward,
     label_frequency_baseline,
+    make_ema,
     make_scheduler,
     micro_pr_curve,
     optimizer_step,
@@ -152,3 +155,83 @@ def test_the_schedule_runs_any_number_of_steps_and_peaks_at_the_learning_rate(to
     assert 0.05 < max(rates) <= 0.1 + 1e-9
     if total >= 3:  # OneCycle: warm up from below the peak, end far below it
         assert rates[0] < 0.05 and rates[total - 1] < 1e-3
+
+
+def test_the_ema_follows_its_closed_form():
+    decay = 0.9
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = make_ema(model, decay)
+    values = [torch.tensor([[float(k), -2.0 * k]]) for k in range(1, 6)]
+    for value in values:
+        with torch.no_grad():
+            model.weight.copy_(value)
+        ema.update_parameters(model)
+    # The first update copies the weights; each later one moves decay of the way: e_k = d e_(k-1) + (1 - d) w_k.
+    expected = decay ** (len(values) - 1) * values[0] + sum(
+        (1 - decay) * decay ** (len(values) - 1 - k) * values[k] for k in range(1, len(values))
+    )
+    torch.testing.assert_close(ema.module.weight, expected)
+
+
+def batch_of(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"image": images, "targets": targets, "ignore_mask": torch.zeros_like(targets, dtype=torch.bool)}
+
+
+def test_accumulating_two_micro_batches_is_one_step_on_the_doubled_batch():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=generator)
+    targets = (torch.rand(8, 5, generator=generator) < 0.3).float()
+    criterion = build_loss("asl")
+
+    def gradients(micro_batches: list[slice]) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        # The patch stem: BatchNorm would see different batch statistics in halves of the batch.
+        model = create_model("mltr_tiny", num_classes=5, stem="patch", stem_widths=())
+        for part in micro_batches:
+            batch = batch_of(images[part], targets[part])
+            forward_backward(model, criterion, batch, torch.device("cpu"), len(micro_batches))
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    # What the optimiser step sees: the accumulated gradient is the doubled batch's.
+    whole, halves = gradients([slice(0, 8)]), gradients([slice(0, 4), slice(4, 8)])
+    assert whole.keys() == halves.keys()
+    for key in whole:
+        torch.testing.assert_close(halves[key], whole[key], atol=1e-6, rtol=1e-4)
+
+
+def test_clipping_bounds_the_gradient_norm_of_the_step():
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    (1000 * model(torch.ones(2, 4)).sum()).backward()
+    raw = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert raw > 10
+    # Plain SGD at rate 1: the step is minus the (clipped) gradient.
+    optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0), None, None, grad_clip=0.5)
+    step = torch.sqrt(
+        sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before, strict=True))
+    )
+    assert step == pytest.approx(0.5, rel=1e-4)
+
+
+def test_a_restored_schedule_continues_where_it_stopped():
+    def rates(restore_at: int | None, total: int = 12) -> list[float]:
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scheduler = make_scheduler(optimizer, 0.1, total, warmup=0.25)
+        out = []
+        for step in range(total):
+            if step == restore_at:  # a resume as the loop does it: build both, then load both states
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+                scheduler = make_scheduler(optimizer, 0.1, total, warmup=0.25)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            out.append(optimizer.param_groups[0]["lr"])
+            model(torch.ones(1, 2)).sum().backward()
+            optimizer_step(model, optimizer, scheduler, None, grad_clip=1.0)
+        return out
+
+    uninterrupted = rates(None)
+    assert rates(5) == pytest.approx(uninterrupted)
+    # The peak after a warm-up of 25% of the 12 steps.
+    assert max(uninterrupted) == pytest.approx(0.1) and uninterrupted.index(max(uninterrupted)) == 2
