@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from jobs._config import component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr import tracking
+from mltr.checkpoint import check_pretrained
 from mltr.config import ModelArgs, OptimConfig, ScalingArgs
 from mltr.errors import ConfigError
 from mltr.model import MlTrConfig
@@ -114,9 +115,11 @@ class Resolved:
 def resolve(config: TrainConfig) -> Resolved:
     """Read the manifest and the labels once; cut the calibration split; check what the workers would refuse."""
     manifest = load_manifest(config.data.uri)
-    for split in ("train", "val"):
-        manifest.rows(split)  # names the missing split
+    manifest.verify(("train", "val"))  # names a missing split, a missing or truncated shard
     model = config.model.resolve(manifest.num_classes)
+    if config.model.init_from:
+        check_pretrained(model, config.model.init_from)
+    check_local_cores(config)
     train = manifest.read_columns("train", ["image_id", "labels", "ignore"])
     val = manifest.read_columns("val", ["labels", "ignore"])
     calib = plan_calibration(train["image_id"].to_pylist(), config.data.calib_fraction, config.data.calib_max)
@@ -138,6 +141,24 @@ def resolve(config: TrainConfig) -> Resolved:
     mlflow_uri = config.run.mlflow_uri or tracking.default_tracking_uri(Path(config.run.workdir).resolve())
     tracking.check_reachable(mlflow_uri)
     return Resolved(config, manifest, model, calib, baseline, mlflow_uri)
+
+
+def check_local_cores(config: TrainConfig) -> None:
+    """Refuse Train workers that need more CPUs than this machine has, on a local Ray the job would start.
+
+    A local Ray gets more logical CPUs than cores (workers wait on each other and on their data),
+    but workers beyond the cores run oversubscribed, each with its own copy of the model.
+    """
+    import ray
+
+    if config.run.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    cores, need = os.cpu_count() or 1, train_cpus(config.scaling)
+    if need > cores and not config.scaling.oversubscribe:
+        raise ConfigError(
+            f"{config.scaling.num_workers} workers x {config.scaling.cpus_per_worker:g} CPUs need {need} cores; "
+            f"this machine has {cores}: lower --num-workers, pass --address of a cluster, or --oversubscribe"
+        )
 
 
 def train_cpus(scaling: ScalingArgs) -> int:

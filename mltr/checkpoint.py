@@ -14,6 +14,7 @@ import dataclasses
 import io
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import IO, Any, NamedTuple
 
 import torch
 
+from mltr.errors import ConfigError
 from mltr.model import MlTr, MlTrConfig, convert_state_dict
 
 _logger = logging.getLogger(__name__)
@@ -65,13 +67,38 @@ def open_file(path: PathLike, mode: str) -> Iterator[IO[bytes]]:
 
 
 def _read(path: PathLike) -> Mapping[str, Any]:
-    with open_file(path, "rb") as f:
-        data = f.read()
-    if os.fspath(path).endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
+    """A checkpoint file's contents, loaded without running code (``weights_only``); errors name the file."""
+    try:
+        with open_file(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ConfigError(f"{os.fspath(path)}: cannot read the checkpoint ({exc.strerror})") from None
+    try:
+        if os.fspath(path).endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
 
-        return load_safetensors(data)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return load_safetensors(data)
+        if not data.startswith(b"PK"):  # torch.save writes a zip archive
+            raise ConfigError(f"{os.fspath(path)}: not a readable checkpoint (not a file torch.save writes)")
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses what is not plain tensors and containers: a pickle could run code.
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+        reason = (
+            lines[0].split(". Please")[0]
+            if lines
+            else "it holds objects other than tensors and plain containers"
+        )
+        raise ConfigError(f"{os.fspath(path)}: not a plain checkpoint, refused unread ({reason})") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise ConfigError(
+            f"{os.fspath(path)}: not a readable checkpoint ({str(exc).splitlines()[0]})"
+        ) from None
+    if not isinstance(payload, Mapping):
+        raise ConfigError(
+            f"{os.fspath(path)}: not a checkpoint (a {type(payload).__name__}, not a state dict)"
+        )
+    return payload
 
 
 def save_checkpoint(model: MlTr, path: PathLike, extra: Mapping[str, Any] | None = None) -> None:
@@ -93,11 +120,11 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read an MlTr checkpoint: ``{"config": MlTrConfig, "state_dict": ..., "extra": ...}``."""
     payload = _read(path)
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
-        raise ValueError(
+        raise ConfigError(
             f"{os.fspath(path)} is not an MlTr checkpoint (use load_pretrained for Swin weights)"
         )
     if payload.get("version") != VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{os.fspath(path)}: MlTr checkpoint version {payload.get('version')}, expected {VERSION}"
         )
     return {
@@ -147,7 +174,7 @@ def load_pretrained(model: MlTr, source: PathLike | Mapping[str, Any]) -> LoadRe
         details = ", ".join(
             f"{k} {tuple(converted[k].shape)} vs {tuple(targets[k].shape)}" for k in mismatched
         )
-        raise ValueError(f"checkpoint and model disagree on shapes: {details}")
+        raise ConfigError(f"checkpoint and model disagree on shapes: {details}")
     if skipped:
         _logger.info(
             "skipped the checkpoint's classifier (it does not fit this head): %s", ", ".join(skipped)
@@ -155,6 +182,24 @@ def load_pretrained(model: MlTr, source: PathLike | Mapping[str, Any]) -> LoadRe
     model.load_state_dict(loadable, strict=False)
     missing = [k for k in targets if k not in loadable]
     return LoadResult(missing, unexpected)
+
+
+def check_pretrained(config: MlTrConfig, source: PathLike) -> LoadResult:
+    """Load ``source`` into a fresh model of ``config`` here: what ``--init-from`` does on every worker,
+    checked once before they start. Raises :class:`~mltr.errors.ConfigError` naming the file."""
+    model = MlTr(config)
+    try:
+        result = load_pretrained(model, source)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(
+            message if os.fspath(source) in message else f"{os.fspath(source)}: {message}"
+        ) from None
+    if len(result.missing) == len(model.state_dict()):
+        raise ConfigError(
+            f"{os.fspath(source)}: none of its weights fit the model; is it a Swin or MlTr checkpoint?"
+        )
+    return result
 
 
 # --- the training state: what a checkpoint holds beside the weights -----------------------------------
@@ -217,7 +262,7 @@ class TrainState:
     def load(cls, path: PathLike) -> TrainState:
         payload = dict(_read(path))
         if payload.pop("format", None) != "mltr-train-state" or payload.pop("version", None) != STATE_VERSION:
-            raise ValueError(f"{os.fspath(path)} is not an MlTr training state of version {STATE_VERSION}")
+            raise ConfigError(f"{os.fspath(path)} is not an MlTr training state of version {STATE_VERSION}")
         selection = payload.pop("selection")
         selection["val_pr_curve"] = tuple(selection["val_pr_curve"])
         return cls(selection=Selection(**selection), **payload)

@@ -80,6 +80,9 @@ class ScalingArgs:
     num_workers: int = option(2, "Ray Train workers (DDP processes)")
     use_gpu: bool = option(False, "one GPU per worker")
     cpus_per_worker: float = option(1.0, "CPUs each Train worker reserves; the rest feed Ray Data")
+    oversubscribe: bool = option(
+        False, "on a local Ray, allow workers that need more CPUs than this machine has"
+    )
 
     def __post_init__(self):
         if self.num_workers < 1:

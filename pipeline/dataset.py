@@ -48,6 +48,10 @@ class DatasetNotFound(MltrError):
     """No committed dataset at a URI (no manifest: missing, or a conversion that did not finish)."""
 
 
+class DatasetDamaged(MltrError):
+    """A committed dataset whose shards no longer match its manifest (deleted, truncated, rewritten)."""
+
+
 class SplitNotFound(DatasetNotFound, KeyError):
     """A split the dataset does not have (``val`` of a dataset converted with ``--splits train``)."""
 
@@ -150,6 +154,29 @@ class Manifest:
     def files(self, split: str) -> list[str]:
         """Full paths (on ``location.fs``) of the shards of ``split``."""
         return [self._location().join(f.path).path for f in self.shards(split)]
+
+    def verify(self, splits: Iterable[str]) -> None:
+        """Check that every shard of ``splits`` exists, has a readable footer and the rows the manifest lists.
+
+        A shard deleted or cut short after the commit would otherwise surface inside a training
+        worker, after start-up, without its name. Reads only the footers.
+        """
+        for split in splits:
+            for shard, path in zip(self.shards(split), self.files(split), strict=True):
+                try:
+                    rows = pq.ParquetFile(path, filesystem=self.filesystem).metadata.num_rows
+                except FileNotFoundError:
+                    raise DatasetDamaged(
+                        f"{path}: a shard the manifest lists is missing; convert again"
+                    ) from None
+                except (OSError, pa.ArrowInvalid) as exc:
+                    raise DatasetDamaged(
+                        f"{path}: a shard the manifest lists is unreadable ({exc}); convert again"
+                    ) from None
+                if rows != shard.rows:
+                    raise DatasetDamaged(
+                        f"{path}: {rows} rows, the manifest lists {shard.rows}; convert again"
+                    )
 
     def read_columns(self, split: str, columns: list[str]) -> pa.Table:
         """Some columns of every row of ``split``, read on this process (labels and ids: no images)."""

@@ -7,8 +7,10 @@ store) and credentials from the standard AWS chain. pyarrow's ``S3FileSystem()``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -33,6 +35,31 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+# pyarrow's messages for object-store failures a user fixes (endpoint, credentials, bucket).
+_USER_S3_ERRORS = (
+    "NETWORK_CONNECTION",
+    "ACCESS_DENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "NO_SUCH_BUCKET",
+)
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn an unreachable object store, refused credentials or a missing bucket into one line naming them."""
+    try:
+        yield
+    except OSError as exc:
+        text = str(exc)
+        if uri.startswith("s3://") and any(code in text for code in _USER_S3_ERRORS):
+            endpoint = s3_endpoint() or "the AWS default endpoint"
+            raise ConfigError(
+                f"{uri}: the object store at {endpoint} refused or could not be reached: {text}"
+            ) from None
+        raise
+
+
 @dataclass(frozen=True)
 class Location:
     """A resolved storage URI: a pyarrow filesystem and a path on it (no scheme)."""
@@ -50,7 +77,16 @@ class Location:
         return Location(self.fs, path, self.scheme)
 
     def exists(self) -> bool:
-        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+        with storage_errors(self.uri):
+            return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        with storage_errors(self.uri):
+            return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        with storage_errors(self.uri):
+            return self.fs.get_file_info(self.path).type == pafs.FileType.File
 
     def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:

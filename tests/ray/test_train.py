@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
 from mltr.tracking import EPOCH_KEY, tracking_uri
-from mltr.train import SELECTION_METRIC, START_EPOCH_KEY, WEIGHT_FILES
+from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC, START_EPOCH_KEY, WEIGHT_FILES
 from mltr.trainer import build_trainer
 from pipeline.convert import convert
 from pipeline.dataset import MANIFEST, load_manifest
@@ -90,6 +90,10 @@ def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(data
 
     import mlflow.pytorch
     import torch
+
+    # Every file a checkpoint holds loads without unpickling code (a bucket's files are not trusted).
+    for name in CHECKPOINT_FILES:
+        assert isinstance(torch.load(Path(result["checkpoint"]) / name, weights_only=True), dict)
 
     with tracking_uri(uri):
         model = mlflow.pytorch.load_model(result["model_uri"])
