@@ -30,7 +30,13 @@ class PreprocessConfig:
     max_side: int = opt(512, "longer side of stored images; larger images are downscaled")
     quality: int = opt(90, "JPEG quality of re-encoded images")
     rows_per_shard: int = opt(1000, "maximum rows per Parquet file")
-    splits: tuple[str, ...] = opt(("train", "val"), "comma-separated splits to convert")
+    splits: tuple[str, ...] = opt(
+        ("train", "val"), "comma-separated splits to convert; a dataset already there keeps its other splits"
+    )
+    allow_shrink: bool = opt(
+        False,
+        "replace a committed dataset even if this conversion has under half of its rows (of these splits)",
+    )
     address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self):
@@ -56,7 +62,9 @@ def run(config: PreprocessConfig) -> dict:
         index.empty,
     )
     init_ray(config.address)
-    summary = convert(index, config.out, settings, rows_per_shard=config.rows_per_shard)
+    summary = convert(
+        index, config.out, settings, rows_per_shard=config.rows_per_shard, allow_shrink=config.allow_shrink
+    )
     for reject in summary.reject_examples:
         log.warning("rejected %s: %s (%s)", reject["source_path"], reject["reason"], reject["detail"])
     total_rejects = sum(summary.rejects.values())

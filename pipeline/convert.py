@@ -3,7 +3,11 @@
     from_items(index entries)                        driver: only paths and labels
       .map_batches(process_batch)                    workers: read, decode, validate, resize, encode
       .write_datasink(ShardSink)                     workers: Parquet shards per split; rejects returned
-    driver: _rejects.jsonl, then _manifest.json (the commit marker), then old shards removed
+    driver: _rejects-<run>.jsonl, then _manifest.json (the commit marker), then old files removed
+
+The committed dataset stays readable until the new manifest lands (shard file names carry the
+run id, so a re-run never touches the committed shards); a lease (``_lease.json``) keeps two
+conversions out of one folder.
 
 Image bytes never pass through the driver. Rejected images travel as rows with a reason and
 empty image bytes, so one pass over the data yields both the shards and the reject report.
@@ -11,6 +15,7 @@ empty image bytes, so one pass over the data yields both the shards and the reje
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,19 +38,20 @@ from ray.data.block import BlockAccessor
 from mltr.errors import ConfigError
 from pipeline.dataset import (
     MANIFEST,
-    REJECTS,
     SCHEMA,
     ConversionInfo,
+    DatasetNotFound,
     ImageInfo,
     Manifest,
     RejectSummary,
     ShardFile,
     SourceInfo,
     SplitInfo,
+    load_manifest,
 )
 from pipeline.images import ImageRejected, ImageSettings, process_image, read_file
 from pipeline.readers.base import DatasetIndex
-from pipeline.storage import Location, resolve
+from pipeline.storage import Lease, Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ PROCESSED_SCHEMA = (
 )
 ROW_GROUP_SIZE = 128  # rows per Parquet row group: lets readers split a shard
 REJECT_EXAMPLES = 20
+# A re-run that keeps under this share of the committed rows of the splits it rewrites is refused.
+SHRINK_LIMIT = 0.5
+LEASE_TTL = 600.0  # seconds a conversion's lease lives without being refreshed
 
 
 def process_batch(batch: pa.Table, settings: ImageSettings) -> pa.Table:
@@ -190,15 +199,54 @@ def convert(
     settings: ImageSettings | None = None,
     rows_per_shard: int = 1000,
     num_blocks: int | None = None,
+    allow_shrink: bool = False,
+    lease_ttl: float = LEASE_TTL,
 ) -> ConvertSummary:
-    """Convert an indexed dataset to ``<out>/<index.name>/``; Ray must be initialised by the caller."""
+    """Convert an indexed dataset to ``<out>/<index.name>/``; Ray must be initialised by the caller.
+
+    A committed dataset already there stays readable until this conversion commits its own
+    manifest; its splits that ``index`` does not hold are kept. A conversion that would lose most
+    of the committed rows of the splits it rewrites (images not mounted, say) is refused, the
+    committed dataset untouched, unless ``allow_shrink``. Two conversions into the same folder
+    at once: the second is refused (:class:`~pipeline.storage.LeaseHeld`), naming the first.
+    """
     settings = settings or ImageSettings()
     if rows_per_shard < 1:
         raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    root = resolve(out)
+    if root.is_file():
+        raise ConfigError(f"--out {root.uri} is a file: give the folder (or s3:// prefix) datasets go into")
+    location = root.join(index.name)
+    with Lease(location, f"converting {index.name} from {index.root}", ttl=lease_ttl):
+        return _convert(index, location, settings, rows_per_shard, num_blocks, allow_shrink)
+
+
+def _committed(location: Location) -> Manifest | None:
+    if not location.join(MANIFEST).exists():
+        return None
+    try:
+        return load_manifest(location.uri)
+    except DatasetNotFound as exc:  # unreadable or another schema version: nothing to keep
+        log.warning("replacing the uncommitted or unreadable dataset at %s (%s)", location.uri, exc)
+        return None
+
+
+def _convert(
+    index: DatasetIndex,
+    location: Location,
+    settings: ImageSettings,
+    rows_per_shard: int,
+    num_blocks: int | None,
+    allow_shrink: bool,
+) -> ConvertSummary:
     start = time.perf_counter()
-    location = resolve(out).join(index.name)
-    # Uncommit first: from here until the new manifest lands, readers refuse this dataset.
-    location.join(MANIFEST).delete()
+    committed = _committed(location)
+    kept = [s for s in (committed.splits if committed else {}) if s not in index.splits]
+    if kept and tuple(committed.classes) != tuple(index.classes):
+        raise ConfigError(
+            f"the dataset at {location.uri} has other classes than {index.root}: convert all of its splits "
+            f"({', '.join(list(committed.splits))}) to replace it, or use another --out"
+        )
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     order = {s: i for i, s in enumerate(index.splits)}
@@ -221,38 +269,56 @@ def convert(
         assert sink.result is not None
         files, rejects = sink.result["files"], rejects + sink.result["rejects"]
     seconds = time.perf_counter() - start
-
-    rejects.sort(key=lambda r: (order.get(r["split"], 0), r["image_id"]))
-    location.join(REJECTS).write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    files.sort(key=lambda f: f["path"])
     row_counts = {s: sum(f["rows"] for f in files if f["split"] == s) for s in index.splits}
-    reject_counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    if committed is not None and not allow_shrink:
+        _refuse_shrink(location, committed, row_counts, rejects, {f["path"] for f in files})
+
+    if kept:  # the splits this conversion does not rewrite keep their shards, counts and rejects
+        previous = location.join(committed.rejects.file)
+        old_rejects = (
+            [json.loads(line) for line in previous.read_text().splitlines()] if previous.exists() else []
+        )
+        rejects += [r for r in old_rejects if r["split"] in kept]
+    splits = tuple(index.splits) + tuple(kept)
+    rejects.sort(key=lambda r: (splits.index(r["split"]) if r["split"] in splits else 0, r["image_id"]))
+    rejects_file = f"_rejects-{run_id}.jsonl"
+    location.join(rejects_file).write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    files.sort(key=lambda f: f["path"])
+    reject_counts = dict(sorted(Counter(r["reason"] for r in rejects if r["split"] in index.splits).items()))
     images_per_second = round(len(rows) / seconds, 2) if seconds > 0 else 0.0
-    Manifest(
+    split_infos = {
+        s: SplitInfo(
+            rows=row_counts[s],
+            files=tuple(ShardFile(f["path"], f["rows"]) for f in files if f["split"] == s),
+        )
+        for s in index.splits
+    }
+    split_infos.update({s: committed.splits[s] for s in kept})
+    fingerprint = index.fingerprint
+    if kept:  # a new identity: this conversion's annotations plus the kept splits' dataset
+        kept_from = f"{committed.fingerprint}:{','.join(kept)}"
+        fingerprint = "sha256:" + hashlib.sha256(f"{index.fingerprint}+{kept_from}".encode()).hexdigest()
+    manifest = Manifest(
         dataset=index.name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         run_id=run_id,
         classes=tuple(index.classes),
-        splits={
-            s: SplitInfo(
-                rows=row_counts[s],
-                files=tuple(ShardFile(f["path"], f["rows"]) for f in files if f["split"] == s),
-            )
-            for s in index.splits
-        },
-        empty=dict(index.empty),
+        splits=split_infos,
+        empty={**({s: committed.empty.get(s, 0) for s in kept} if kept else {}), **index.empty},
         rejects=RejectSummary(
             total=len(rejects),
-            by_reason=reject_counts,
-            by_split={s: sum(1 for r in rejects if r["split"] == s) for s in index.splits},
+            by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+            by_split={s: sum(1 for r in rejects if r["split"] == s) for s in splits},
+            file=rejects_file,
         ),
         image=ImageInfo(format="jpeg", **asdict(settings)),
-        source=SourceInfo(root=index.root, layout=index.layout, fingerprint=index.fingerprint),
+        source=SourceInfo(root=index.root, layout=index.layout, fingerprint=fingerprint),
         conversion=ConversionInfo(
             rows_per_shard=rows_per_shard, seconds=round(seconds, 3), images_per_second=images_per_second
         ),
-    ).write(location)
-    _remove_stale_shards(location, {f["path"] for f in files})
+    ).write(location)  # the commit: readers switch to this dataset atomically
+    keep = {f.path for s in manifest.splits.values() for f in s.files} | {rejects_file}
+    _remove_stale_files(location, keep)
     return ConvertSummary(
         dataset=index.name,
         uri=location.uri,
@@ -261,14 +327,35 @@ def convert(
         empty=index.empty,
         seconds=round(seconds, 3),
         images_per_second=images_per_second,
-        reject_examples=rejects[:REJECT_EXAMPLES],
+        reject_examples=[r for r in rejects if r["split"] in index.splits][:REJECT_EXAMPLES],
     )
 
 
-def _remove_stale_shards(location: Location, keep: set[str]) -> None:
-    """Delete Parquet shards of earlier runs, so a re-run leaves one copy of the dataset."""
+def _refuse_shrink(
+    location: Location, committed: Manifest, rows: dict[str, int], rejects: list[dict], written: set[str]
+) -> None:
+    """Refuse (and remove this run's shards) when the rewritten splits keep under SHRINK_LIMIT of their rows."""
+    before = sum(committed.rows(s) for s in rows if s in committed.splits)
+    after = sum(rows.values())
+    if before == 0 or after >= SHRINK_LIMIT * before:
+        return
+    for rel in written:
+        location.join(rel).delete()
+    reasons = Counter(r["reason"] for r in rejects)
+    raise ConfigError(
+        f"refused to replace {location.uri}: this conversion has {after} rows where the committed dataset has "
+        f"{before} ({', '.join(f'{n} {reason}' for reason, n in reasons.most_common(3)) or 'no rejects'}); "
+        f"are the images where the annotations say? The committed dataset is unchanged; pass --allow-shrink "
+        f"to replace it anyway"
+    )
+
+
+def _remove_stale_files(location: Location, keep: set[str]) -> None:
+    """Delete shards and reject lists the manifest does not list (earlier runs'), so one copy remains."""
     prefix = location.path.rstrip("/") + "/"
     for path in location.list_files():
         rel = path[len(prefix) :]
-        if rel.endswith(".parquet") and "/" in rel and rel not in keep:
+        shard = rel.endswith(".parquet") and "/" in rel
+        rejects = rel.startswith("_rejects") and rel.endswith(".jsonl")
+        if (shard or rejects) and rel not in keep:
             location.fs.delete_file(path)

@@ -9,6 +9,8 @@ go on with the next image.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +26,12 @@ REJECT_REASONS = {
     "corrupt": "the image data cannot be decoded",
     "too_large": "the image has more pixels than the decompression-bomb limit",
     "bad_annotation": "the image's annotation file is missing, malformed or names an unknown class",
+    "outside_root": "the annotations place the image outside the dataset root",
+    "not_a_file": "the path is not a regular file (a folder, a FIFO, a device)",
 }
+# The most bytes read of one source image (the largest COCO image is a few MB): reads are capped, so
+# a huge or endless file cannot exhaust memory; the decompression-bomb limit then caps the pixels.
+MAX_FILE_BYTES = 256 * 2**20
 
 
 class ImageRejected(Exception):
@@ -50,15 +57,36 @@ class ImageSettings:
             raise ConfigError(f"quality must be in 1..100, got {self.quality}")
 
 
-def read_file(path: str) -> bytes:
-    """Read a source image; a missing file is a reject, not an exception that stops the run."""
+def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a source image; a missing, special or oversized file is a reject, not an exception that stops the run.
+
+    The file is checked before it is opened: opening a FIFO would block the task forever.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        info = os.stat(path)
     except FileNotFoundError:
         raise ImageRejected("missing", f"no such file: {path}") from None
-    except (IsADirectoryError, PermissionError) as exc:
+    except (PermissionError, NotADirectoryError) as exc:
         raise ImageRejected("unreadable", f"{exc.strerror}: {path}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "FIFO"
+            if stat.S_ISFIFO(info.st_mode)
+            else "special file"
+        )
+        raise ImageRejected("not_a_file", f"a {kind}, not a regular file: {path}")
+    if info.st_size > max_bytes:
+        raise ImageRejected("too_large", f"{info.st_size} bytes, over the limit of {max_bytes}: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except PermissionError as exc:
+        raise ImageRejected("unreadable", f"{exc.strerror}: {path}") from None
+    if len(data) > max_bytes:  # grew after the check
+        raise ImageRejected("too_large", f"over the limit of {max_bytes} bytes: {path}")
+    return data
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -8,14 +8,22 @@ store) and credentials from the standard AWS chain. pyarrow's ``S3FileSystem()``
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
 from mltr.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def s3_endpoint() -> str | None:
@@ -139,3 +147,124 @@ def resolve(uri: str) -> Location:
     elif "://" in uri:
         raise ConfigError(f"{uri!r}: unsupported storage scheme (use a local path, file:// or s3://)")
     return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "file")
+
+
+def _create_exclusive(location: Location, data: bytes) -> bool:
+    """Write ``data`` only if nothing is at ``location``; returns whether it was written (atomic).
+
+    Local files: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``) through s3fs.
+    """
+    if location.scheme == "file":
+        os.makedirs(os.path.dirname(location.path), exist_ok=True)
+        try:
+            fd = os.open(location.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    import s3fs
+
+    endpoint = s3_endpoint()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+    try:
+        with storage_errors(location.uri):
+            fs.pipe_file(location.path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+class LeaseHeld(ConfigError):
+    """Another live process holds the lease."""
+
+
+class Lease:
+    """An exclusive, self-expiring claim on a storage location, held for a block: ``with Lease(loc, ...):``.
+
+    The marker (``<location>/_lease.json``) records its holder (host, pid), purpose and start time,
+    and is refreshed every ``ttl / 4`` seconds by a background thread. Another process asking for it
+    is refused with :class:`LeaseHeld` naming the holder, unless the lease is stale: not refreshed
+    for ``ttl`` seconds, or held by a process of this host that no longer exists. A stale lease is
+    taken over (the taker reads its own token back, so of two takers one wins). The marker is
+    removed on leaving the block, if it is still ours.
+    """
+
+    FILE = "_lease.json"
+
+    def __init__(self, location: Location, purpose: str, ttl: float = 600.0):
+        self.marker = location.join(self.FILE)
+        self.purpose = purpose
+        self.ttl = ttl
+        self.token = uuid.uuid4().hex
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps(
+            {
+                "holder": f"{socket.gethostname()}:{os.getpid()}",
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "purpose": self.purpose,
+                "started_at": self.started_at,
+                "refreshed_at": time.time(),
+                "ttl_s": self.ttl,
+                "token": self.token,
+            }
+        ).encode()
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.marker.read_bytes())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if time.time() - float(holder.get("refreshed_at", 0)) > float(holder.get("ttl_s", self.ttl)):
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return False
+
+    def __enter__(self) -> Lease:
+        if not _create_exclusive(self.marker, self._record()):
+            holder = self._holder()
+            if holder is not None and not self._stale(holder):
+                age = time.time() - float(holder.get("refreshed_at", 0))
+                raise LeaseHeld(
+                    f"{self.marker.uri.rsplit('/', 1)[0]} is in use: {holder.get('purpose', 'a job')} by "
+                    f"{holder.get('holder', '?')} since {holder.get('started_at', '?')} (lease refreshed "
+                    f"{age:.0f} s ago; taken over once stale for {holder.get('ttl_s', self.ttl):g} s, or if that "
+                    f"process is gone). Wait for it to finish."
+                )
+            log.warning(
+                "taking over the stale lease %s held by %s", self.marker.uri, (holder or {}).get("holder")
+            )
+            self.marker.write_bytes(self._record())
+            time.sleep(0.2)  # another taker may have written after us: whoever reads its own token wins
+            if (self._holder() or {}).get("token") != self.token:
+                raise LeaseHeld(f"{self.marker.uri}: another process took over the stale lease first")
+        self._thread = threading.Thread(target=self._refresh, name="lease-refresh", daemon=True)
+        self._thread.start()
+        return self
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            if (self._holder() or {}).get("token") != self.token:
+                log.error("lost the lease %s to another process", self.marker.uri)
+                return
+            self.marker.write_bytes(self._record())
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if (self._holder() or {}).get("token") == self.token:
+            self.marker.delete()

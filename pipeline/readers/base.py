@@ -6,6 +6,7 @@ Readers parse annotations only (small files); decoding the images is Ray Data's 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,3 +121,14 @@ def require_file(path: Path, what: str) -> Path:
             f"expected {what} at {path}, but it is {'not a file' if path.exists() else 'missing'}"
         )
     return path
+
+
+def confined(root: Path, *parts: str) -> str | None:
+    """``root`` joined with ``parts`` as a normalised path, or None if it leaves ``root``.
+
+    Annotations are untrusted: ``../../etc/x.jpg`` or an absolute path must not turn any file the
+    job can read into a row. Lexical, not ``realpath``: a dataset's folders may be symlinks.
+    """
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, *parts))
+    return path if os.path.commonpath([base, path]) == base and path != base else None

@@ -8,6 +8,10 @@
 Classes are the categories in ascending id order (ids 1..90 with gaps, 80 classes). Every
 annotation of an image, crowd or not, makes its category a positive label; an image without
 annotations is not a row (counted as ``empty``). ``image_id`` is COCO's image id.
+
+The JSON is untrusted: a ``file_name`` that leaves the root (``../``, an absolute path) rejects its
+image (``outside_root``), and annotations of an image id the file does not list are rejected
+(``bad_annotation``) instead of losing their labels silently.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pipeline.readers.base import (
     Fingerprint,
     ImageEntry,
     LayoutError,
+    Reject,
+    confined,
     require_dir,
     require_file,
 )
@@ -72,6 +78,7 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
     fingerprint = Fingerprint(root)
     classes: list[str] | None = None
     entries: list[ImageEntry] = []
+    rejects: list[Reject] = []
     empty: dict[str, int] = {}
     for split in splits:
         path = annotation_path(root, split)
@@ -84,6 +91,11 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
             raise AnnotationError(path, f"categories differ from those of {annotation_path(root, splits[0])}")
         index_of = {cat_id: i for i, cat_id in enumerate(cat_ids)}
         empty[split] = 0
+        # An annotation of an image the file does not list would silently lose its label.
+        for image_id in sorted(set(coco.imgToAnns) - set(coco.imgs), key=str):
+            ann_ids = [a.get("id") for a in coco.imgToAnns[image_id]]
+            detail = f"{path}: annotations {ann_ids} refer to image id {image_id!r}, which its 'images' do not list"
+            rejects.append(Reject(str(image_id), split, str(path), "bad_annotation", detail))
         for image_id in sorted(coco.getImgIds()):
             info = coco.imgs[image_id]
             anns = coco.imgToAnns.get(image_id, [])
@@ -96,14 +108,13 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
             if not labels:
                 empty[split] += 1
                 continue
-            entries.append(
-                ImageEntry(
-                    image_id=str(image_id),
-                    split=split,
-                    source_path=str(root / SPLIT_DIRS[split] / info["file_name"]),
-                    labels=labels,
-                )
-            )
+            file_name = str(info.get("file_name") or "")
+            source = confined(root, SPLIT_DIRS[split], file_name) if file_name else None
+            if source is None:
+                detail = f"{path}: image {image_id} has file_name {file_name!r}, outside {root}"
+                rejects.append(Reject(str(image_id), split, file_name, "outside_root", detail))
+                continue
+            entries.append(ImageEntry(image_id=str(image_id), split=split, source_path=source, labels=labels))
     return DatasetIndex(
         name="coco",
         root=str(root),
@@ -112,5 +123,6 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
         entries=entries,
         splits=tuple(splits),
         empty=empty,
+        rejects=rejects,
         fingerprint=fingerprint.hexdigest(),
     )

@@ -32,6 +32,7 @@ from pipeline.readers.base import (
     ImageEntry,
     LayoutError,
     Reject,
+    confined,
     require_dir,
     require_file,
 )
@@ -50,6 +51,7 @@ NUS_CONCEPTS = (
 )  # fmt: skip
 
 OFFICIAL_SPLITS = {"train": "Train", "val": "Test"}
+MAX_LABEL_CELL = 4096  # characters of one CSV label cell: 81 concept names fit many times over
 CSV_SPLITS = {"train": "train", "val": "val", "test": "val"}
 CSV_COLUMNS = ("filename", "label", "split")
 
@@ -85,6 +87,7 @@ def _read_official(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint
     concepts = read_concepts(root, fingerprint, required=True)
     labels_dir = require_dir(root / "Groundtruth" / "TrainTestLabels", "the NUS-WIDE label files")
     entries: list[ImageEntry] = []
+    rejects: list[Reject] = []
     empty: dict[str, int] = {}
     for split in splits:
         tag = OFFICIAL_SPLITS[split]
@@ -109,16 +112,26 @@ def _read_official(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint
             if not labels:
                 empty[split] += 1
                 continue
-            entries.append(ImageEntry(image_id_of(line), split, str(root.joinpath("Flickr", *parts)), labels))
-    return concepts, entries, empty, []
+            source = confined(root, "Flickr", *parts)
+            if source is None:
+                detail = f"{list_path}: {line!r} leaves {root / 'Flickr'}"
+                rejects.append(Reject(image_id_of(line), split, line, "outside_root", detail))
+                continue
+            entries.append(ImageEntry(image_id_of(line), split, source, labels))
+    return concepts, entries, empty, rejects
 
 
 def parse_label_list(text: str) -> list[str]:
     text = text.strip()
     if not text:
         return []
+    if len(text) > MAX_LABEL_CELL:  # literal_eval of a huge nested literal exhausts memory or the stack
+        raise ValueError(f"a label cell of {len(text)} characters (at most {MAX_LABEL_CELL})")
     if text.startswith("["):
-        value = ast.literal_eval(text)
+        try:
+            value = ast.literal_eval(text)
+        except (MemoryError, RecursionError):
+            raise ValueError("a label cell too deeply nested to parse") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"expected a list of concept names, got {text!r}")
         return [v.strip() for v in value]
@@ -141,7 +154,7 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
     entries: list[ImageEntry] = []
     rejects: list[Reject] = []
     empty = dict.fromkeys(splits, 0)
-    for line_no, row in enumerate(reader, start=2):
+    for line_no, row in _rows(reader, path, rejects):
         split = CSV_SPLITS.get((row["split"] or "").strip().lower())
         if split is None:
             raise AnnotationError(
@@ -150,7 +163,11 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
         if split not in splits:
             continue
         filename = (row["filename"] or "").strip()
-        image_id, source = image_id_of(filename), str(root / PureWindowsPath(filename).as_posix())
+        image_id, source = image_id_of(filename), confined(root, PureWindowsPath(filename).as_posix())
+        if source is None:
+            detail = f"{path} line {line_no}: {filename!r} leaves {root}"
+            rejects.append(Reject(image_id, split, filename, "outside_root", detail))
+            continue
         try:
             names = parse_label_list(row["label"] or "")
             unknown = [n for n in names if n not in index_of]
@@ -165,6 +182,21 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
             continue
         entries.append(ImageEntry(image_id, split, source, labels))
     return concepts, entries, empty, rejects
+
+
+def _rows(reader: csv.DictReader, path: Path, rejects: list[Reject]):
+    """(line number, row) of a CSV; a line the csv module cannot read (a field over its limit) is rejected."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            line_no = reader.line_num
+            detail = f"{path} line {line_no} (its split unread): {exc}"
+            rejects.append(Reject(f"line {line_no}", "unknown", str(path), "bad_annotation", detail))
+            continue
+        yield reader.line_num, row
 
 
 def read_nuswide(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> DatasetIndex:

@@ -25,6 +25,7 @@ from pipeline.readers.base import (
     ImageEntry,
     LayoutError,
     Reject,
+    confined,
     require_dir,
     require_file,
 )
@@ -94,8 +95,13 @@ def read_voc(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Da
         ids = [line.strip() for line in fingerprint.read(list_path).decode().splitlines() if line.strip()]
         empty[split] = 0
         for image_id in ids:
-            xml_path = voc / "Annotations" / f"{image_id}.xml"
-            image_path = str(voc / "JPEGImages" / f"{image_id}.jpg")
+            image_path = confined(voc, "JPEGImages", f"{image_id}.jpg")
+            xml_file = confined(voc, "Annotations", f"{image_id}.xml")
+            if image_path is None or xml_file is None:
+                detail = f"{list_path}: image id {image_id!r} leaves {voc}"
+                rejects.append(Reject(image_id, split, image_id, "outside_root", detail))
+                continue
+            xml_path = Path(xml_file)
             try:
                 objects = parse_objects(fingerprint.read(xml_path), str(xml_path))
             except FileNotFoundError:

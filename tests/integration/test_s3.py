@@ -32,9 +32,10 @@ def test_preprocess_to_s3_and_read_back(ray_local, s3_bucket, s3_server, synthet
     assert {k for k in keys if k.endswith(".parquet")} == listed
     with fs.open(sorted(listed)[0], "rb") as f:
         assert pq.read_table(f).schema.names == manifest["columns"]
-    rejects = [
-        json.loads(line) for line in fs.cat(f"{s3_bucket}/datasets/voc/_rejects.jsonl").decode().splitlines()
-    ]
+    rejects_file = f"{s3_bucket}/datasets/voc/{manifest['rejects']['file']}"
+    assert {k for k in keys if "_rejects" in k} == {rejects_file}  # the manifest names the only one
+    rejects = [json.loads(line) for line in fs.cat(rejects_file).decode().splitlines()]
+    assert not fs.exists(f"{s3_bucket}/datasets/voc/_lease.json")  # released
     assert {r["image_id"]: r["reason"] for r in rejects} == truth.rejects()
 
     # And through the library API the next stages use (pyarrow's S3 filesystem, Ray Data).

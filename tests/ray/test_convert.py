@@ -2,11 +2,16 @@
 
 import io
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mltr.errors import ConfigError
 from pipeline.convert import convert
 from pipeline.dataset import MANIFEST, DatasetNotFound, load_manifest, read_split
 from pipeline.images import ImageSettings
@@ -47,7 +52,9 @@ def test_conversion_matches_what_was_drawn(ray_local, synthetic_root, tmp_path, 
             assert img.size == (row["width"], row["height"])
             assert max(img.size) == min(200, max(drawn.width, drawn.height))
 
-    rejects = [json.loads(line) for line in (tmp_path / fmt / "_rejects.jsonl").read_text().splitlines()]
+    rejects_file = tmp_path / fmt / manifest.rejects.file
+    assert sorted(p.name for p in (tmp_path / fmt).glob("_rejects*")) == [rejects_file.name]
+    rejects = [json.loads(line) for line in rejects_file.read_text().splitlines()]
     assert {r["image_id"]: r["reason"] for r in rejects} == truth.rejects()
     assert all(r["source_path"] and r["detail"] for r in rejects)
     assert manifest.rejects.total == len(truth.rejects())
@@ -70,30 +77,83 @@ def test_rerun_leaves_one_copy(ray_local, synthetic_root, tmp_path):
     ) + len(load_manifest(str(tmp_path / "coco")).files("val"))
 
 
-def test_rerun_with_fewer_splits_removes_the_dropped_split(ray_local, synthetic_root, tmp_path):
+def test_rerun_with_fewer_splits_keeps_the_splits_it_does_not_rewrite(ray_local, synthetic_root, tmp_path):
     root, truth = synthetic_root("voc")
     convert(read_index("voc", str(root)), str(tmp_path))
+    before = load_manifest(str(tmp_path / "voc"))
     convert(read_index("voc", str(root), ("train",)), str(tmp_path))
     manifest = load_manifest(str(tmp_path / "voc"))
-    assert list(manifest.splits) == ["train"]
-    assert not list((tmp_path / "voc" / "val").glob("*.parquet"))
-    with pytest.raises(KeyError, match="no split 'val'"):
-        manifest.files("val")
+    assert set(manifest.splits) == {"train", "val"}
+    assert manifest.splits["val"] == before.splits["val"] and manifest.shards("train") != before.shards(
+        "train"
+    )
+    assert read_split(str(tmp_path / "voc"), "val").count() == len(truth.rows("val"))
+    assert read_split(str(tmp_path / "voc"), "train").count() == len(truth.rows("train"))
+    # The kept split's rejects are still listed; the dataset is a new one (its identity changed).
+    rejects = [
+        json.loads(line) for line in (tmp_path / "voc" / manifest.rejects.file).read_text().splitlines()
+    ]
+    assert {r["image_id"]: r["reason"] for r in rejects} == truth.rejects()
+    assert manifest.fingerprint not in (
+        before.fingerprint,
+        read_index("voc", str(root), ("train",)).fingerprint,
+    )
 
 
-def test_crash_mid_conversion_leaves_no_readable_dataset(ray_local, synthetic_root, tmp_path):
-    root, _ = synthetic_root("coco")
+def test_an_interrupted_rerun_leaves_the_committed_dataset_readable(ray_local, synthetic_root, tmp_path):
+    root, truth = synthetic_root("coco")
     index = read_index("coco", str(root))
     convert(index, str(tmp_path))
-    assert load_manifest(str(tmp_path / "coco"))
+    committed = load_manifest(str(tmp_path / "coco"))
     # A label that does not fit the int32 schema makes the shard writer fail inside a Ray task.
     bad = index.entries[0]
     index.entries[0] = ImageEntry(bad.image_id, bad.split, bad.source_path, (2**40,))
     with pytest.raises(Exception):  # noqa: B017 - whatever Ray wraps the worker's error in
         convert(index, str(tmp_path))
+    assert load_manifest(str(tmp_path / "coco")) == committed
+    assert read_split(str(tmp_path / "coco"), "train").count() == len(truth.rows("train"))
+    assert not (tmp_path / "coco" / "_lease.json").exists()  # released on the way out
+
+
+def test_a_first_conversion_that_crashes_leaves_no_readable_dataset(ray_local, synthetic_root, tmp_path):
+    root, _ = synthetic_root("coco")
+    index = read_index("coco", str(root))
+    bad = index.entries[0]
+    index.entries[0] = ImageEntry(bad.image_id, bad.split, bad.source_path, (2**40,))
+    with pytest.raises(Exception):  # noqa: B017
+        convert(index, str(tmp_path))
     assert not (tmp_path / "coco" / MANIFEST).exists()
     with pytest.raises(DatasetNotFound, match="did not finish"):
         read_split(str(tmp_path / "coco"), "train")
+
+
+def test_a_rerun_that_loses_most_rows_is_refused_and_changes_nothing(ray_local, synthetic_root, tmp_path):
+    root, truth = synthetic_root("coco")
+    convert(read_index("coco", str(root)), str(tmp_path))
+    committed = load_manifest(str(tmp_path / "coco"))
+    files_before = sorted(p.name for p in (tmp_path / "coco").rglob("*") if p.is_file())
+    # The image folders are not mounted: empty mount points, every image missing.
+    for folder in ("train2014", "val2014"):
+        (root / folder).rename(tmp_path / folder)
+        (root / folder).mkdir()
+    try:
+        with pytest.raises(
+            ConfigError,
+            match=r"refused to replace .* has 0 rows where the committed dataset has \d+ \(\d+ missing.*--allow-shrink",
+        ):
+            convert(read_index("coco", str(root)), str(tmp_path))
+        assert load_manifest(str(tmp_path / "coco")) == committed
+        assert sorted(p.name for p in (tmp_path / "coco").rglob("*") if p.is_file()) == files_before
+        # Asked for, the shrunken dataset replaces it.
+        summary = convert(read_index("coco", str(root)), str(tmp_path), allow_shrink=True)
+        assert (
+            summary.rows == {"train": 0, "val": 0}
+            and load_manifest(str(tmp_path / "coco")).rows("train") == 0
+        )
+    finally:
+        for folder in ("train2014", "val2014"):
+            (root / folder).rmdir()
+            (tmp_path / folder).rename(root / folder)
 
 
 def test_dataset_where_every_image_is_rejected(ray_local, tmp_path):
@@ -107,3 +167,44 @@ def test_dataset_where_every_image_is_rejected(ray_local, tmp_path):
     assert summary.rows == {"train": 0, "val": 0}
     assert summary.rejects == {"unreadable": len(truth.rows())}
     assert read_split(str(tmp_path / "out" / "coco"), "train").count() == 0
+
+
+def test_two_conversions_into_one_folder_at_once_the_second_is_refused(ray_local, tmp_path):
+    from pipeline.storage import LeaseHeld
+    from pipeline.synthetic import generate
+
+    root = tmp_path / "src"
+    truth = generate("coco", root, 240, seed=2, size=(320, 240))
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.preprocess",
+            "--dataset",
+            "coco",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lease = out / "coco" / "_lease.json"
+    deadline = time.monotonic() + 120
+    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease.exists(), "the first conversion never took its lease"
+    holder = json.loads(lease.read_text())
+    with pytest.raises(LeaseHeld) as info:
+        convert(read_index("coco", str(root)), str(out))
+    assert f":{first.pid}" in str(info.value) and holder["started_at"] in str(info.value)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    # The first committed a whole dataset: every listed shard is there, every row is read back.
+    manifest = load_manifest(str(out / "coco"))
+    assert all(Path(path).is_file() for split in ("train", "val") for path in manifest.files(split))
+    assert read_split(manifest, "train").count() == len(truth.rows("train"))
+    assert not lease.exists()

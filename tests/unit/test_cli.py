@@ -1,6 +1,7 @@
 """The job entrypoints as a user runs them: bad input exits 2 with a message that names the problem."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,31 @@ def test_user_errors_are_one_line_and_exit_2_while_bugs_keep_their_traceback(cap
     # A ValueError that is not the project's error is a bug: it propagates (Python prints it, exit 1).
     with pytest.raises(ValueError, match="a bug"):
         run_job("train", raises(ValueError("a bug")))
+
+
+def test_an_out_that_is_a_file_or_an_unreachable_object_store_is_one_line(tmp_path):
+    generate("voc", tmp_path / "src", 8)
+    (tmp_path / "file").write_text("x")
+    proc = run(
+        "jobs.preprocess",
+        "--dataset",
+        "voc",
+        "--root",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "file"),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--out {tmp_path / 'file'} is a file" in proc.stderr
+
+    from tests.conftest import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.preprocess", "--dataset", "voc", "--root", str(tmp_path / "src"),
+         "--out", "s3://bucket/datasets"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"the object store at {endpoint} refused or could not be reached" in proc.stderr

@@ -103,7 +103,7 @@ def test_read_file_missing_and_directory(tmp_path):
     assert info.value.reason == "missing" and "nope.jpg" in info.value.detail
     with pytest.raises(ImageRejected) as info:
         read_file(str(tmp_path))
-    assert info.value.reason == "unreadable"
+    assert info.value.reason == "not_a_file" and "a folder" in info.value.detail
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,70 @@
+"""Storage leases: one holder at a time, named when refused, taken over when stale, released on exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.storage import Lease, LeaseHeld, resolve
+
+pytestmark = pytest.mark.unit
+
+
+def marker(tmp_path) -> dict:
+    return json.loads((tmp_path / "ds" / Lease.FILE).read_text())
+
+
+def test_a_held_lease_refuses_a_second_holder_naming_the_first(tmp_path):
+    location = resolve(str(tmp_path / "ds"))
+    with Lease(location, "converting coco from /data/coco"):
+        holder = marker(tmp_path)
+        with pytest.raises(LeaseHeld) as info, Lease(location, "converting coco from /elsewhere"):
+            pass
+        message = str(info.value)
+        assert "converting coco from /data/coco" in message and holder["holder"] in message
+        assert holder["started_at"] in message
+    assert not (tmp_path / "ds" / Lease.FILE).exists()  # released
+    with Lease(location, "a later conversion"):  # and free again
+        pass
+
+
+def test_a_lease_of_a_process_that_is_gone_is_taken_over(tmp_path):
+    location = resolve(str(tmp_path / "ds"))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(gone.stdout)
+    with Lease(location, "first"):
+        record = marker(tmp_path)
+    (tmp_path / "ds" / Lease.FILE).write_text(json.dumps({**record, "pid": dead_pid, "token": "theirs"}))
+    with Lease(location, "second") as lease:
+        assert marker(tmp_path)["token"] == lease.token and marker(tmp_path)["purpose"] == "second"
+
+
+def test_a_lease_not_refreshed_within_its_ttl_is_taken_over(tmp_path):
+    location = resolve(str(tmp_path / "ds"))
+    (tmp_path / "ds").mkdir()
+    other_host = {"holder": "elsewhere:1", "host": "elsewhere", "pid": 1, "purpose": "first", "started_at": "t",
+                  "refreshed_at": time.time() - 30, "ttl_s": 10, "token": "theirs"}  # fmt: skip
+    (tmp_path / "ds" / Lease.FILE).write_text(json.dumps(other_host))
+    with Lease(location, "second") as lease:
+        assert marker(tmp_path)["token"] == lease.token
+    (tmp_path / "ds" / Lease.FILE).write_text(json.dumps({**other_host, "refreshed_at": time.time()}))
+    with pytest.raises(LeaseHeld, match="first by elsewhere:1"), Lease(location, "third"):
+        pass
+
+
+def test_a_held_lease_is_refreshed_and_not_removed_once_lost(tmp_path):
+    location = resolve(str(tmp_path / "ds"))
+    with Lease(location, "long", ttl=0.4) as lease:
+        first = marker(tmp_path)["refreshed_at"]
+        time.sleep(0.35)
+        assert marker(tmp_path)["refreshed_at"] > first  # refreshed every ttl / 4
+        # Another process took it over (this one looked dead): leaving must not remove theirs.
+        (tmp_path / "ds" / Lease.FILE).write_text(json.dumps({**marker(tmp_path), "token": "theirs"}))
+        assert lease.token != "theirs"
+    assert marker(tmp_path)["token"] == "theirs"
