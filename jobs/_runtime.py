@@ -23,10 +23,31 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+# Ray's switch for a local-only Ray (despite its name): node IP 127.0.0.1 and every listener of GCS,
+# raylet, workers and dashboard on loopback. Without it Ray turns a 127.0.0.1 node address back
+# into the machine's external one and opens its ports there (measured: ../shared/DESIGN.md).
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_only_ray() -> None:
+    """Make the Ray this process starts listen on the loopback address only.
+
+    Ray reads the switch when it is imported; this process has imported it already, so the value
+    it read is set too, and the environment carries it to the processes Ray starts.
+    """
+    from ray._private import ray_constants
+
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to ``address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray.
 
-    ``kwargs`` such as ``num_cpus`` size a local Ray only: an existing cluster has its own resources.
+    A local Ray listens on 127.0.0.1 only, with its dashboard there too: Ray Train cleans up the
+    placement groups of runs that die through the dashboard's State API (without it, they leak and
+    a sweep that stops trials hangs). ``kwargs`` such as ``num_cpus`` size a local Ray only: an
+    existing cluster has its own resources.
     """
     import ray
 
@@ -36,9 +57,11 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     if address is None:
         # "local": always a new local instance, never a cluster some other process left running.
         address = "local"
-        kwargs.setdefault("include_dashboard", False)
+        local_only_ray()
+        kwargs.setdefault("include_dashboard", True)
+        kwargs.setdefault("dashboard_host", "127.0.0.1")
     else:
-        for local_only in ("num_cpus", "num_gpus", "include_dashboard", "object_store_memory"):
+        for local_only in ("num_cpus", "num_gpus", "include_dashboard", "dashboard_host", "object_store_memory"):
             kwargs.pop(local_only, None)
     ray.init(address=address, **kwargs)
 

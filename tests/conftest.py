@@ -80,13 +80,16 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local(aws_env):
-    """One local Ray for the session, with more logical CPUs than this machine's cores."""
+    """One local Ray for the session, with more logical CPUs than this machine's cores.
+
+    Started the way a job starts its own (``jobs._runtime.init_ray``): a new instance, on the
+    loopback address only, its dashboard on 127.0.0.1 (Train cleans up dead runs through it).
+    """
     import ray
 
-    # "local": a new instance, never a cluster another test (or user) started with `ray start`.
-    ray.init(
-        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
+    from jobs._runtime import init_ray
+
+    init_ray(num_cpus=4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

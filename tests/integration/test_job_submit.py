@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs._runtime import LOCAL_ONLY_ENV
 from tests.conftest import free_port
+from tests.listeners import external_listeners
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +32,20 @@ def head(aws_env):
     """A one-node cluster (`ray start --head --block`) with the dashboard's job API on loopback."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    # Loopback only: the node address, and Ray's local-only switch so it is not turned back into
+    # the machine's external address (see jobs._runtime.local_only_ray).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, LOCAL_ONLY_ENV: "0"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=5"]
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            "--num-cpus=5",
+            "--node-ip-address=127.0.0.1",
+        ]
         + ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}"]
         + ["--disable-usage-stats"],
         env=env,
@@ -53,7 +65,8 @@ def head(aws_env):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the head node did not serve jobs at {address}: {probe.stderr[-2000:]}")
             time.sleep(1)
-        yield address, env
+        assert external_listeners(process.pid) == set()
+        yield address, env, process.pid
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # ray start --block and every process it started
         try:
@@ -66,7 +79,7 @@ def head(aws_env):
 
 def submit(head, *args: str) -> subprocess.CompletedProcess:
     """`ray job submit -- python -m jobs.<job> ...`: blocks, prints the job's logs, exits 1 if it failed."""
-    address, env = head
+    address, env, _ = head
     return subprocess.run(
         [RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", *args],
         env=env,
@@ -113,6 +126,7 @@ def test_each_stage_runs_as_a_submitted_job(head, tmp_path):
     # it did not start a Ray of its own.
     assert "Started a local Ray instance" not in trained.stdout + trained.stderr
     assert "Connecting to existing Ray cluster" in trained.stdout + trained.stderr
+    assert external_listeners(head[2]) == set()  # nor did anything the jobs started open one
 
 
 def test_a_failed_job_says_what_is_wrong(head, tmp_path):

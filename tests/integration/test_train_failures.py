@@ -11,10 +11,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
+from jobs._runtime import local_only_ray
 from mltr.tracking import EPOCH_KEY, NAME_TAG
 from pipeline.convert import convert
 from pipeline.readers import read_index
 from pipeline.synthetic import generate
+from tests.conftest import free_port
+from tests.listeners import external_listeners
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +27,22 @@ EPOCHS = 3
 @pytest.fixture
 def two_node_cluster():
     """A head node and a worker node (more logical CPUs than cores: Train workers plus Ray Data)."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # Loopback only (as the jobs' own local Ray): both nodes at 127.0.0.1; the dashboard there too,
+    # which Train needs to clean up the placement groups of a run that dies.
+    local_only_ray()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),  # the session's own local Ray may hold Ray's default
+        },
+    )
     cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
+    assert {node.node_ip_address for node in cluster.list_all_nodes()} == {"127.0.0.1"}
+    assert external_listeners(os.getpid()) == set()
     yield cluster
     cluster.shutdown()
 
@@ -110,3 +126,16 @@ def test_killed_worker_is_survived_and_every_epoch_is_logged_once(ray_local, two
     assert logged_epochs(uri, "survives") == list(range(EPOCHS))
     assert killed not in train_worker_pids(two_node_cluster)
     assert "FailurePolicy] RETRY" in log_text
+    # Every metric, not only the epoch marker, holds each epoch exactly once; the loop started twice,
+    # the second time from a checkpoint (not from scratch).
+    client = MlflowClient(uri)
+    run = client.get_run(result["mlflow_run_id"])
+    per_epoch = [
+        key for key in run.data.metrics if key.startswith(("train_", "val_model_", "calib_", "selection"))
+    ]
+    assert "train_loss" in per_epoch and "val_model_mAP" in per_epoch and "selection_mAP" in per_epoch
+    for key in per_epoch:
+        steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(EPOCHS)), (key, steps)
+    starts = sorted(int(m.value) for m in client.get_metric_history(run.info.run_id, "start_epoch"))
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] in (1, 2)

@@ -1,14 +1,18 @@
 """Training on a local Ray: a 2-worker CPU run of mltr_tiny learns, selects honestly, is tracked, and resumes."""
 
+import csv
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
+from mltr.metrics import mean_average_precision
 from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC, START_EPOCH_KEY, WEIGHT_FILES
 from mltr.trainer import build_trainer
@@ -29,6 +33,27 @@ def dataset(ray_local, tmp_path_factory):
     generate("coco", root / "src", 600, seed=1, faults=True, classes=DEMO_CLASSES)
     convert(read_index("coco", str(root / "src")), str(root / "ds"), rows_per_shard=64)
     return str(root / "ds" / "coco")
+
+
+def untrained_val_map(manifest, seeds) -> list[float]:
+    """Val mAP of freshly initialised mltr_tiny models: what the learning test's margin is over."""
+    import torch
+
+    from mltr.model import create_model, normalize
+    from pipeline.ingest import IngestConfig, build_dataset
+
+    cfg = IngestConfig(manifest.num_classes, image_size=64)
+    batches = list(build_dataset(manifest, "val", cfg).iter_torch_batches(batch_size=64))
+    scores = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = create_model("mltr_tiny", num_classes=manifest.num_classes).eval()
+        with torch.no_grad():
+            logits = torch.cat([model(normalize(b["image"])) for b in batches])
+        targets = torch.cat([b["targets"] for b in batches])
+        ignore = torch.cat([b["ignore_mask"] for b in batches])
+        scores.append(mean_average_precision(logits, targets, ignore)[0])
+    return scores
 
 
 def epochs_in_mlflow(uri: str, run_id: str) -> list[int]:
@@ -58,6 +83,9 @@ def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(data
     # with the epoch and weights chosen on the calibration split.
     baseline = result["label_frequency_baseline_mAP"]
     assert result["val_mAP"] >= 0.5 and result["val_mAP"] >= 3 * baseline, result
+    # And far above what an untrained model scores on the same images by chance (best of 8 inits).
+    untrained = untrained_val_map(load_manifest(dataset), seeds=range(8))
+    assert result["val_mAP"] >= max(untrained) + 0.25, (untrained, result)
     assert result["calib_mAP"] >= 0.5, result
     assert result["best_epoch"] >= EPOCHS // 2, result  # it kept learning: the best epoch is late
 
@@ -85,8 +113,21 @@ def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(data
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert artifacts == {"evaluation/per_class_ap.csv", "evaluation/precision_recall.png"}
     info = json.loads(Path(client.download_artifacts(run_id, "model_info/classes.json")).read_text())
-    assert info["classes"][0] == "person" and len(info["thresholds"]) == 80
+    assert info["classes"] == list(manifest.classes) and len(info["thresholds"]) == 80
+    assert all(0.0 < t < 1.0 for t in info["thresholds"])
     assert info["input"]["image_size"] == 64 and info["input"]["resize"] == "squash"
+    # The reports say what the figures say: one row per class named as in the manifest, and the mean
+    # AP over the classes with positives is the logged mAP of the selected weights.
+    with open(client.download_artifacts(run_id, "evaluation/per_class_ap.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [row["class"] for row in table] == list(manifest.classes)
+    assert [float(row["threshold"]) for row in table] == pytest.approx(info["thresholds"])
+    for column, figure in (("val_ap", "val_mAP"), ("calib_ap", "calib_mAP")):
+        present = [float(row[column]) for row in table if row[column] != "nan"]
+        assert len(present) == DEMO_CLASSES and np.mean(present) == pytest.approx(result[figure]), column
+    plot = Image.open(client.download_artifacts(run_id, "evaluation/precision_recall.png"))
+    plot.load()
+    assert plot.format == "PNG" and plot.size[0] > 100
 
     import mlflow.pytorch
     import torch
@@ -198,3 +239,13 @@ def test_a_failure_after_fit_marks_the_run_failed_and_a_finished_name_is_not_reo
         ConfigError, match="already finished its 1 epochs: start a new --name, or pass --epochs above 1"
     ):
         train_job.run(config)
+
+    # The tracking store was lost (a new one): the run resumes from its checkpoint and replays the
+    # epochs that checkpoint holds but the store does not, each exactly once.
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    replayed = train_job.run(replace_flat(config, mlflow_uri=other_uri))
+    other = MlflowClient(other_uri)
+    assert replayed["mlflow_run_id"] != run.info.run_id
+    assert [m.step for m in other.get_metric_history(replayed["mlflow_run_id"], START_EPOCH_KEY)] == [1]
+    for key in ("epoch", "train_loss", "selection_mAP", "val_model_mAP", "calib_ema_mAP"):
+        assert [m.step for m in other.get_metric_history(replayed["mlflow_run_id"], key)] == [0], key

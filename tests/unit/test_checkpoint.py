@@ -36,16 +36,83 @@ def timm_features(timm_swin, images):
         return timm_swin.forward_features(images)  # B, 7, 7, 768 (timm's Swin is NHWC)
 
 
+# Microsoft's swin_tiny_patch4_window7_224.pth ({"model": ...}), as released with the Swin paper: key
+# names and shapes, pinned here (not derived from the loader's mapping). Its patch merging sits at
+# the END of stage i (layers.i.downsample, i = 0..2; timm and MlTr put it at the start of stage
+# i+1), its classifier is head.*, and it saves the buffers relative_position_index (every block)
+# and attn_mask (the shifted blocks of stages 0-2, one mask per window: 64, 16, 4 windows of 7x7).
+SWIN_T_STAGES = (
+    (96, 3, 2, 64),
+    (192, 6, 2, 16),
+    (384, 12, 6, 4),
+    (768, 24, 2, None),
+)  # dim, heads, depth, nW
+
+
+def microsoft_swin_t_keys() -> dict[str, tuple[int, ...]]:
+    keys = {
+        "patch_embed.proj.weight": (96, 3, 4, 4),
+        "patch_embed.proj.bias": (96,),
+        "patch_embed.norm.weight": (96,),
+        "patch_embed.norm.bias": (96,),
+    }
+    for i, (dim, heads, depth, windows) in enumerate(SWIN_T_STAGES):
+        for j in range(depth):
+            b = f"layers.{i}.blocks.{j}"
+            keys.update({
+                f"{b}.norm1.weight": (dim,), f"{b}.norm1.bias": (dim,),
+                f"{b}.attn.relative_position_bias_table": (169, heads), f"{b}.attn.relative_position_index": (49, 49),
+                f"{b}.attn.qkv.weight": (3 * dim, dim), f"{b}.attn.qkv.bias": (3 * dim,),
+                f"{b}.attn.proj.weight": (dim, dim), f"{b}.attn.proj.bias": (dim,),
+                f"{b}.norm2.weight": (dim,), f"{b}.norm2.bias": (dim,),
+                f"{b}.mlp.fc1.weight": (4 * dim, dim), f"{b}.mlp.fc1.bias": (4 * dim,),
+                f"{b}.mlp.fc2.weight": (dim, 4 * dim), f"{b}.mlp.fc2.bias": (dim,),
+            })  # fmt: skip
+            if j % 2 == 1 and windows is not None:
+                keys[f"{b}.attn_mask"] = (windows, 49, 49)
+        if i < 3:
+            keys.update({
+                f"layers.{i}.downsample.reduction.weight": (2 * dim, 4 * dim),
+                f"layers.{i}.downsample.norm.weight": (4 * dim,), f"layers.{i}.downsample.norm.bias": (4 * dim,),
+            })  # fmt: skip
+    keys.update(
+        {"norm.weight": (768,), "norm.bias": (768,), "head.weight": (1000, 768), "head.bias": (1000,)}
+    )
+    return keys
+
+
+MICROSOFT_SWIN_T = microsoft_swin_t_keys()
+
+
 def microsoft_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The official Swin code's state dict: patch merging at the end of stage i, ``head.*``, buffers."""
+    """timm's Swin-T weights under Microsoft's keys (buffers as zeros), exactly the pinned layout."""
     out = {}
-    for key, value in timm_state.items():
-        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", key)
-        out[key.replace("head.fc.", "head.")] = value
-        if key.endswith("relative_position_bias_table"):
-            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49, 49)
-    out["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)
+    for key, shape in MICROSOFT_SWIN_T.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            out[key] = torch.zeros(shape)
+            continue
+        source = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", key)
+        out[key] = timm_state[source.replace("head.", "head.fc.")]
     return out
+
+
+def test_the_real_microsoft_layout_maps_onto_mltr_s():
+    assert len(MICROSOFT_SWIN_T) == 4 + 12 * 14 + 5 + 3 * 3 + 4  # 190 keys in the released file
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) for k, shape in MICROSOFT_SWIN_T.items()}
+    model = create_model("mltr_s", num_classes=1000)
+    missing, unexpected = load_pretrained(model, {"model": state})
+    assert unexpected == [] and missing and all(".attn.cross." in k for k in missing)
+    loaded = model.state_dict()
+    for i in range(3):  # the end of Microsoft's stage i is the start of MlTr's stage i + 1
+        for part in ("reduction.weight", "norm.weight", "norm.bias"):
+            assert torch.equal(
+                loaded[f"layers.{i + 1}.downsample.{part}"], state[f"layers.{i}.downsample.{part}"]
+            )
+    assert torch.equal(loaded["head.fc.weight"], state["head.weight"])
+    assert torch.equal(
+        loaded["layers.2.blocks.5.attn.qkv.weight"], state["layers.2.blocks.5.attn.qkv.weight"]
+    )
 
 
 def cross_or_head(key: str) -> bool:
