@@ -61,7 +61,13 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("include_dashboard", True)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
     else:
-        for local_only in ("num_cpus", "num_gpus", "include_dashboard", "dashboard_host", "object_store_memory"):
+        for local_only in (
+            "num_cpus",
+            "num_gpus",
+            "include_dashboard",
+            "dashboard_host",
+            "object_store_memory",
+        ):
             kwargs.pop(local_only, None)
     ray.init(address=address, **kwargs)
 
