@@ -163,12 +163,17 @@ def start_or_resume_run(
 
 @contextlib.contextmanager
 def run_outcome(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """Mark the run FAILED if the block raises, KILLED on Ctrl-C (the block marks success itself)."""
+    """Mark the run FAILED if the block raises, KILLED on Ctrl-C (the block marks success itself).
+
+    Ray Train's ``fit()`` installs its own SIGINT handler: Ctrl-C aborts the run gracefully and then
+    leaves through ``SystemExit``. Nothing else in a training run exits, so inside the block a
+    ``SystemExit`` is that Ctrl-C too; it comes out as ``KeyboardInterrupt`` (exit status 130).
+    """
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         client.set_terminated(run_id, status="KILLED")
-        raise
+        raise KeyboardInterrupt from None
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

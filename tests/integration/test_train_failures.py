@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from jobs._runtime import local_only_ray
-from mltr.tracking import EPOCH_KEY, NAME_TAG
+from mltr.tracking import EPOCH_KEY, NAME_TAG, runs_tagged
 from pipeline.convert import convert
 from pipeline.readers import read_index
 from pipeline.synthetic import generate
@@ -64,7 +64,7 @@ def logged_epochs(uri: str, name: str) -> list[int]:
     experiment = client.get_experiment_by_name("mltr")
     if experiment is None:
         return []
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'")
+    runs = runs_tagged(client, [experiment.experiment_id], NAME_TAG, name)
     if not runs:
         return []
     return sorted(int(m.step) for m in client.get_metric_history(runs[0].info.run_id, EPOCH_KEY))
@@ -130,12 +130,41 @@ def test_killed_worker_is_survived_and_every_epoch_is_logged_once(ray_local, two
     # the second time from a checkpoint (not from scratch).
     client = MlflowClient(uri)
     run = client.get_run(result["mlflow_run_id"])
-    per_epoch = [
-        key for key in run.data.metrics if key.startswith(("train_", "val_model_", "calib_", "selection"))
-    ]
+    per_epoch_prefixes = ("epoch", "lr", "data_wait", "train_", "val_model_", "val_ema_", "val_selected_",
+                          "val_images", "calib_model_", "calib_ema_", "calib_images", "selection_")  # fmt: skip
+    per_epoch = [key for key in run.data.metrics if key.startswith(per_epoch_prefixes)]
     assert "train_loss" in per_epoch and "val_model_mAP" in per_epoch and "selection_mAP" in per_epoch
     for key in per_epoch:
         steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(EPOCHS)), (key, steps)
     starts = sorted(int(m.value) for m in client.get_metric_history(run.info.run_id, "start_epoch"))
     assert starts[0] == 0 and len(starts) == 2 and starts[1] in (1, 2)
+
+
+def test_ctrl_c_stops_a_local_run_in_one_line_and_marks_it_killed(ray_local, tmp_path):
+    """`mltr train` on its own local Ray, interrupted once training is under way, as a user would."""
+    generate("voc", tmp_path / "src", 200, seed=6)
+    convert(read_index("voc", str(tmp_path / "src")), str(tmp_path / "ds"), rows_per_shard=50)
+    work = tmp_path / "work"
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "jobs.train", "--data", str(tmp_path / "ds" / "voc"), "--epochs", "30",
+        "--batch-size", "8", "--workdir", str(work), "--name", "interrupted",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not logged_epochs(uri, "interrupted") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "train: interrupted" in err
+    # No traceback of the job's own (Ray's actors may log theirs, prefixed "(Actor pid=...)").
+    assert not [line for line in err.splitlines() if line.startswith("Traceback")], err[-3000:]
+    client = MlflowClient(uri)
+    (run,) = runs_tagged(
+        client, [client.get_experiment_by_name("mltr").experiment_id], NAME_TAG, "interrupted"
+    )
+    assert run.info.status == "KILLED"

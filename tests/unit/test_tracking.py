@@ -165,12 +165,17 @@ def test_a_finished_run_is_reopened_only_to_extend_it_and_the_extension_is_recor
 
 
 @pytest.mark.parametrize(
-    ("error", "status"), [(RuntimeError("after fit"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+    ("error", "status", "raised"),
+    [
+        (RuntimeError("after fit"), "FAILED", RuntimeError),
+        (KeyboardInterrupt(), "KILLED", KeyboardInterrupt),
+        (SystemExit(1), "KILLED", KeyboardInterrupt),  # how Ray Train's own SIGINT handler leaves fit()
+    ],
 )
-def test_a_failure_or_ctrl_c_inside_the_run_marks_it(store, error, status):
+def test_a_failure_or_ctrl_c_inside_the_run_marks_it(store, error, status, raised):
     client, _ = store
-    run_id, _ = start(store, f"fails-{status}")
-    with pytest.raises(type(error)), tracking.run_outcome(client, run_id):
+    run_id, _ = start(store, f"fails-{type(error).__name__}")
+    with pytest.raises(raised), tracking.run_outcome(client, run_id):
         raise error
     assert client.get_run(run_id).info.status == status
 
