@@ -122,7 +122,8 @@ def resolve(config: TrainConfig) -> Resolved:
     check_local_cores(config)
     train = manifest.read_columns("train", ["image_id", "labels", "ignore"])
     val = manifest.read_columns("val", ["labels", "ignore"])
-    calib = plan_calibration(train["image_id"].to_pylist(), config.data.calib_fraction, config.data.calib_max)
+    ids = train["image_id"].to_pylist()
+    calib = plan_calibration(ids, config.data.calib_fraction, config.data.calib_max)
     try:  # the workers cut the training stream into epochs with it: refuse here what they would
         epoch_batches(calib.fit_rows, config.scaling.num_workers, config.optim.batch_size, 0)
     except ValueError as exc:
@@ -130,7 +131,7 @@ def resolve(config: TrainConfig) -> Resolved:
             f"the train split less its {calib.calib_rows} calibration rows: {exc}: "
             f"lower --batch-size or --num-workers"
         ) from None
-    fit = calib.fit.mask(train["image_id"].to_pylist())
+    fit = calib.fit.mask(ids)
     train_targets, _ = multi_hot(
         train["labels"].to_pylist(), train["ignore"].to_pylist(), manifest.num_classes
     )
