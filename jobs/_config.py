@@ -192,6 +192,10 @@ def _load_preset(spec: str, job: str | None) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise SystemExit(f"error: {path}: a preset must be a mapping of field names to values")
+    base = data.pop("extends", None)  # another preset, "<job>/<name>": its values, these on top
+    if base is not None:
+        job_name, _, name = str(base).partition("/")
+        data = {**_load_preset(name, job_name), **data}
     return data
 
 

@@ -78,7 +78,8 @@ class ScalingArgs:
     """How many Train workers, on what."""
 
     num_workers: int = option(2, "Ray Train workers (DDP processes)")
-    use_gpu: bool = option(False, "one GPU per worker")
+    use_gpu: bool = option(False, "GPUs for the workers (one each unless --gpus-per-worker)")
+    gpus_per_worker: float = option(1.0, "GPUs each worker reserves with --use-gpu (fractions share a GPU)")
     cpus_per_worker: float = option(1.0, "CPUs each Train worker reserves; the rest feed Ray Data")
     oversubscribe: bool = option(
         False, "on a local Ray, allow workers that need more CPUs than this machine has"
@@ -89,3 +90,8 @@ class ScalingArgs:
             raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        if self.gpus_per_worker <= 0:
+            raise ConfigError(f"--gpus-per-worker must be positive, got {self.gpus_per_worker}")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}

@@ -114,7 +114,7 @@ def build_trainer(run: TrainRun, callbacks: Sequence[Any] = ()) -> TorchTrainer:
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.scaling.num_workers,
             use_gpu=run.scaling.use_gpu,
-            resources_per_worker={"CPU": run.scaling.cpus_per_worker},
+            resources_per_worker=run.scaling.resources_per_worker(),
         ),
         run_config=ray.train.RunConfig(
             name=run.name,
