@@ -366,6 +366,9 @@ def log_final_model(client: MlflowClient, run_id: str, checkpoint_dir: Path, cla
             # Pickle keeps the batch dimension free (pt2 export specialises it to the example's);
             # loading needs the mltr package, which every stage that serves the model has.
             serialization_format="pickle",
+            # Given, not inferred: inference reloads the model in a subprocess (5-6 s a run on 2
+            # cores, measured), and could not name the mltr package such a model needs anyway.
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             metadata={
                 "classes": classes,
                 "thresholds": chosen.thresholds,
