@@ -110,8 +110,55 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(s3_server, tmp_path_factory):
-    """A real `mlflow server` process: SQLite backend, artifacts proxied into the S3-API server."""
+def postgres_db(tmp_path_factory):
+    """A fresh PostgreSQL database for the session, as a SQLAlchemy URI; dropped at the end.
+
+    On the PostgreSQL server at 127.0.0.1:5432 (trust auth) when one answers there, else on a
+    throwaway server from the ``pgserver`` package (a Unix socket in a temporary folder), so the
+    suite passes on a machine without PostgreSQL too.
+    """
+    import psycopg
+
+    name = f"mltr_test_{os.getpid()}_{time.time_ns()}"
+    try:
+        admin = psycopg.connect(
+            host="127.0.0.1", port=5432, dbname="test", connect_timeout=3, autocommit=True
+        )
+    except psycopg.OperationalError:
+        admin = None
+    if admin is not None:
+        user = admin.info.user
+        admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql://{user}@127.0.0.1:5432/{name}"
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+        return
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgserver") / "data", cleanup_mode="stop")
+    server.psql(f'CREATE DATABASE "{name}";')
+    yield server.get_uri(name)
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def demo_coco(ray_local, tmp_path_factory) -> str:
+    """The demo's kind of COCO-layout dataset (600 images, 12 learnable classes, faulty files), as
+    Parquet: its dataset URI. Shared by the session; a test that changes it puts it back."""
+    from pipeline.convert import convert
+    from pipeline.readers import read_index
+    from pipeline.synthetic import DEMO_CLASSES
+
+    root = tmp_path_factory.mktemp("demo-coco")
+    generate("coco", root / "src", 600, seed=1, faults=True, classes=DEMO_CLASSES)
+    convert(read_index("coco", str(root / "src")), str(root / "ds"), rows_per_shard=64)
+    return str(root / "ds" / "coco")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, postgres_db, tmp_path_factory):
+    """A real `mlflow server` process as a team runs it: a PostgreSQL backend store (trials of a
+    sweep write at once), artifacts proxied into the S3-API server."""
     import s3fs
 
     bucket = "mlflow-artifacts"
@@ -126,7 +173,7 @@ def mlflow_server(s3_server, tmp_path_factory):
             mlflow,
             "server",
             "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
+            postgres_db,
             "--artifacts-destination",
             f"s3://{bucket}/artifacts",
             "--host",
@@ -134,7 +181,7 @@ def mlflow_server(s3_server, tmp_path_factory):
             "--port",
             str(port),
             "--workers",
-            "1",
+            "2",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

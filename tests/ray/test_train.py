@@ -16,23 +16,17 @@ from mltr.metrics import mean_average_precision
 from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC, START_EPOCH_KEY, WEIGHT_FILES
 from mltr.trainer import build_trainer
-from pipeline.convert import convert
 from pipeline.dataset import MANIFEST, load_manifest
-from pipeline.readers import read_index
-from pipeline.synthetic import DEMO_CLASSES, generate
+from pipeline.synthetic import DEMO_CLASSES
 
 pytestmark = pytest.mark.ray
 
 EPOCHS = 20  # ~250 optimiser steps of 2 x 16 images: the tiny recipe ends near 0.7 val mAP (baseline 0.17)
 
 
-@pytest.fixture(scope="module")
-def dataset(ray_local, tmp_path_factory):
-    """The demo's kind of COCO-layout dataset (12 learnable classes, faulty files), converted to Parquet."""
-    root = tmp_path_factory.mktemp("coco-train")
-    generate("coco", root / "src", 600, seed=1, faults=True, classes=DEMO_CLASSES)
-    convert(read_index("coco", str(root / "src")), str(root / "ds"), rows_per_shard=64)
-    return str(root / "ds" / "coco")
+@pytest.fixture
+def dataset(demo_coco):
+    return demo_coco
 
 
 def untrained_val_map(manifest, seeds) -> list[float]:
