@@ -10,6 +10,7 @@ JOBS = {
     "preprocess": "jobs.preprocess",
     "bench": "jobs.bench.__main__",
     "train": "jobs.train",
+    "tune": "jobs.tune",
     "demo": "jobs.demo",
 }
 

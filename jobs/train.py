@@ -195,10 +195,11 @@ def check_resources(scaling: ScalingArgs, actors: int) -> None:
             f"{scaling.cpus_per_worker:g} CPUs, {actors} decode actors and {EVAL_CPUS} CPU for evaluation "
             f"need {need_cpu:g}: lower --num-workers, --cpus-per-worker or --decode-actors, or add nodes"
         )
-    if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
+    need_gpu = scaling.num_workers * scaling.gpus_per_worker
+    if scaling.use_gpu and total.get("GPU", 0) < need_gpu:
         raise ConfigError(
-            f"--use-gpu needs one GPU per worker: {scaling.num_workers} workers, the cluster has "
-            f"{total.get('GPU', 0):g} GPUs; lower --num-workers or add GPU nodes"
+            f"--use-gpu: {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPUs need {need_gpu:g}, "
+            f"the cluster has {total.get('GPU', 0):g}; lower --num-workers or --gpus-per-worker, or add GPU nodes"
         )
 
 
@@ -224,11 +225,14 @@ def data_plan(resolved: Resolved, actors: int) -> DataPlan:
     return DataPlan(datasets, train_rows=resolved.calib.fit_rows, shuffle_buffer=config.data.shuffle_buffer)
 
 
-def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
+def start(
+    resolved: Resolved, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> tuple[TrainRun, MlflowClient]:
     """Connect to Ray, build the datasets, then open (or reopen) the MLflow run: the resolved run.
 
     The MLflow run is opened last, so a failure before it leaves no run behind; from then on
-    :func:`run` marks it FAILED (KILLED on Ctrl-C) if anything fails.
+    :func:`run` marks it FAILED (KILLED on Ctrl-C) if anything fails. ``parent_run_id`` makes it a
+    child run (a sweep's trial); ``tags`` are added to it.
     """
     import ray
 
@@ -258,6 +262,8 @@ def start(resolved: Resolved) -> tuple[TrainRun, MlflowClient]:
         "mltr.dataset": manifest.name,
         "mltr.dataset_uri": config.data.uri,
         "mltr.model": config.model.variant,
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+        **(tags or {}),
     }
     identity = tracking.RunIdentity(
         model_config=tracking.jsonable(dataclasses.asdict(resolved.model)),
@@ -315,6 +321,9 @@ def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> d
         "checkpoint": f"{storage}{best.path}",
         "name": run.name,
     }
+    # Where the selected model and its checkpoint are, for whoever reads the run later (a sweep).
+    client.set_tag(run.mlflow_run_id, "mltr.model_uri", summary["model_uri"])
+    client.set_tag(run.mlflow_run_id, "mltr.checkpoint", summary["checkpoint"])
     client.set_terminated(run.mlflow_run_id, status="FINISHED")
     return summary
 

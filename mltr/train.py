@@ -50,6 +50,9 @@ WEIGHT_FILES = {"model": MODEL_FILE, "ema": EMA_FILE}
 # Reported every epoch: the calibration mAP of the weights that epoch would ship. It ranks the
 # checkpoints (the best one is the run's model) and is what a sweep's scheduler compares.
 SELECTION_METRIC = "selection_mAP"
+# Epochs trained so far, resumes included: the time a sweep's scheduler counts in (Tune's own
+# training_iteration starts again at 1 when a trial is restored).
+EPOCHS_DONE_KEY = "epochs_done"
 START_EPOCH_KEY = "start_epoch"  # logged by every start of the loop: a resume shows where it began
 
 
@@ -408,6 +411,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             best_epoch, best_score = epoch, selection.calib_mAP
         metrics = {
             "epoch": epoch,
+            EPOCHS_DONE_KEY: epoch + 1,
             "train_loss": loss_sum / batches,
             "train_images_per_s_per_worker": seen / max(train_seconds, 1e-9),
             "data_wait_s": wait,

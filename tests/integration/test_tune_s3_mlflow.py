@@ -1,0 +1,78 @@
+"""`mltr tune` against a team's services: data, trials' checkpoints and MLflow artifacts in the S3-API
+server, trials tracked at once by a real `mlflow server` whose backend store is PostgreSQL."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import s3fs
+from mlflow.tracking import MlflowClient
+
+from mltr.tracking import EPOCH_KEY
+from mltr.train import SELECTION_METRIC
+from pipeline.convert import convert
+from pipeline.readers import read_index
+from pipeline.synthetic import DEMO_CLASSES, generate
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_trial(
+    ray_local, s3_bucket, s3_server, mlflow_server, tmp_path
+):
+    generate("coco", tmp_path / "src", 240, seed=3, faults=True, classes=DEMO_CLASSES)
+    convert(read_index("coco", str(tmp_path / "src")), f"s3://{s3_bucket}/datasets", rows_per_shard=64)
+    command = [
+        sys.executable, "-m", "jobs.tune", "--config", "tiny", "--data", f"s3://{s3_bucket}/datasets/coco",
+        "--window-sizes", "2,4", "--losses", "bce,asl", "--lrs", "5e-4", "--epochs", "1", "--scheduler", "fifo",
+        "--storage", f"s3://{s3_bucket}/sweeps", "--name", "grid",
+        "--mlflow-uri", mlflow_server["uri"], "--experiment", "sweeps", "--workdir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the S3 settings included
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("{"), proc.stdout[-3000:]  # the last line is the result, as JSON
+    summary = json.loads(last)
+    assert "[sweep]" in proc.stdout and "done 4/4" in proc.stdout  # progress while it runs
+
+    client = MlflowClient(mlflow_server["uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["mltr.sweep_name"] == "grid"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    grid = {(int(r.data.params["window_size"]), r.data.params["loss"]) for r in children}
+    assert grid == {(2, "bce"), (2, "asl"), (4, "bce"), (4, "asl")}
+    for child in children:  # each trial logged exactly as a jobs.train run
+        assert child.info.status == "FINISHED"
+        assert [int(m.step) for m in client.get_metric_history(child.info.run_id, EPOCH_KEY)] == [0]
+        assert {"calib_mAP", "val_mAP", SELECTION_METRIC} <= set(child.data.metrics)
+        assert child.data.tags["mltr.checkpoint"].startswith(f"s3://{s3_bucket}/sweeps/grid-trials/grid-")
+        assert child.data.tags["mltr.model_uri"].startswith("models:/")
+
+    # The best trial is the one with the best calibration mAP: the figure that selects, never val.
+    chosen = max(children, key=lambda r: r.data.metrics["calib_mAP"])
+    assert summary["best"]["mlflow_run_id"] == chosen.info.run_id
+    assert summary["best"]["calib_mAP"] == pytest.approx(chosen.data.metrics["calib_mAP"])
+    assert parent.data.tags["mltr.best_run_id"] == chosen.info.run_id
+    assert parent.data.tags["mltr.best_model_uri"] == chosen.data.tags["mltr.model_uri"]
+    assert json.loads(parent.data.tags["mltr.best_config"])["loss"] == chosen.data.params["loss"]
+    assert parent.data.metrics["best_calib_mAP"] == pytest.approx(chosen.data.metrics["calib_mAP"])
+
+    # The results table, the plot and the best config sit on the parent, stored in the S3-API server.
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    stored = {p.rsplit("/", 1)[-1] for p in fs.find(f"{mlflow_server['bucket']}/artifacts") if "/sweep/" in p}
+    assert stored >= {"results.csv", "results.md", "map_by_window_and_loss.png", "best.json"}
+    table = client.download_artifacts(parent.info.run_id, "sweep/results.csv", str(tmp_path))
+    rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
+    assert rows[0]["mlflow_run_id"] == chosen.info.run_id and len(rows) == 4
+    scores = [float(r["calib_mAP"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    # Ray Tune's own experiment state is in the sweep's storage too: what a restart resumes from.
+    assert fs.exists(f"{s3_bucket}/sweeps/grid/tuner.pkl")
