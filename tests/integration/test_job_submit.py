@@ -70,7 +70,7 @@ def head(aws_env):
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # ray start --block and every process it started
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=5)  # it stops its node's processes first; whatever lingers is killed
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

@@ -141,14 +141,12 @@ def test_killed_worker_is_survived_and_every_epoch_is_logged_once(ray_local, two
     assert starts[0] == 0 and len(starts) == 2 and starts[1] in (1, 2)
 
 
-def test_ctrl_c_stops_a_local_run_in_one_line_and_marks_it_killed(ray_local, tmp_path):
+def test_ctrl_c_stops_a_local_run_in_one_line_and_marks_it_killed(demo_coco, tmp_path):
     """`mltr train` on its own local Ray, interrupted once training is under way, as a user would."""
-    generate("voc", tmp_path / "src", 200, seed=6)
-    convert(read_index("voc", str(tmp_path / "src")), str(tmp_path / "ds"), rows_per_shard=50)
     work = tmp_path / "work"
     uri = f"sqlite:///{work / 'mlflow.db'}"
     command = [
-        sys.executable, "-m", "jobs.train", "--data", str(tmp_path / "ds" / "voc"), "--epochs", "30",
+        sys.executable, "-m", "jobs.train", "--data", demo_coco, "--epochs", "30",
         "--batch-size", "8", "--workdir", str(work), "--name", "interrupted",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -1,5 +1,9 @@
 """`mltr tune` against a team's services: data, trials' checkpoints and MLflow artifacts in the S3-API
-server, trials tracked at once by a real `mlflow server` whose backend store is PostgreSQL."""
+server, trials tracked by a real `mlflow server` whose backend store is PostgreSQL.
+
+Each trial is a `jobs.train` run: this is also the test of training from S3 with checkpoints in
+S3, tracked by a server whose artifacts are in S3 (one sweep serves both: trials are expensive).
+"""
 
 import csv
 import io
@@ -13,8 +17,8 @@ import pytest
 import s3fs
 from mlflow.tracking import MlflowClient
 
-from mltr.tracking import EPOCH_KEY
-from mltr.train import SELECTION_METRIC
+from mltr.tracking import EPOCH_KEY, tracking_uri
+from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC
 from pipeline.convert import convert
 from pipeline.readers import read_index
 from pipeline.synthetic import DEMO_CLASSES, generate
@@ -49,11 +53,18 @@ def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_t
     )
     grid = {(int(r.data.params["window_size"]), r.data.params["loss"]) for r in children}
     assert grid == {(2, "bce"), (2, "asl"), (4, "bce"), (4, "asl")}
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     for child in children:  # each trial logged exactly as a jobs.train run
         assert child.info.status == "FINISHED"
         assert [int(m.step) for m in client.get_metric_history(child.info.run_id, EPOCH_KEY)] == [0]
         assert {"calib_mAP", "val_mAP", SELECTION_METRIC} <= set(child.data.metrics)
-        assert child.data.tags["mltr.checkpoint"].startswith(f"s3://{s3_bucket}/sweeps/grid-trials/grid-")
+        assert child.data.tags["mltr.dataset_uri"] == f"s3://{s3_bucket}/datasets/coco"
+        checkpoint = child.data.tags["mltr.checkpoint"]
+        assert checkpoint.startswith(f"s3://{s3_bucket}/sweeps/grid-trials/grid-")
+        # The trial's Train run checkpointed its epoch into S3, every file a resume reads.
+        assert {p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint.removeprefix("s3://"))} >= set(
+            CHECKPOINT_FILES
+        )
         assert child.data.tags["mltr.model_uri"].startswith("models:/")
 
     # The best trial is the one with the best calibration mAP: the figure that selects, never val.
@@ -65,10 +76,13 @@ def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_t
     assert json.loads(parent.data.tags["mltr.best_config"])["loss"] == chosen.data.params["loss"]
     assert parent.data.metrics["best_calib_mAP"] == pytest.approx(chosen.data.metrics["calib_mAP"])
 
-    # The results table, the plot and the best config sit on the parent, stored in the S3-API server.
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    stored = {p.rsplit("/", 1)[-1] for p in fs.find(f"{mlflow_server['bucket']}/artifacts") if "/sweep/" in p}
-    assert stored >= {"results.csv", "results.md", "map_by_window_and_loss.png", "best.json"}
+    # The results table, the plot and the best config sit on the parent, the trials' evaluation
+    # artifacts on each child: all through the server into the S3-API store.
+    stored = fs.find(f"{mlflow_server['bucket']}/artifacts")
+    names = {p.rsplit("/", 1)[-1] for p in stored if "/sweep/" in p}
+    assert names >= {"results.csv", "results.md", "map_by_window_and_loss.png", "best.json"}
+    assert sum(p.endswith("evaluation/per_class_ap.csv") for p in stored) == 4
+    assert sum(p.endswith("evaluation/precision_recall.png") for p in stored) == 4
     table = client.download_artifacts(parent.info.run_id, "sweep/results.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
     assert rows[0]["mlflow_run_id"] == chosen.info.run_id and len(rows) == 4
@@ -76,3 +90,11 @@ def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_t
     assert scores == sorted(scores, reverse=True)
     # Ray Tune's own experiment state is in the sweep's storage too: what a restart resumes from.
     assert fs.exists(f"{s3_bucket}/sweeps/grid/tuner.pkl")
+
+    # The best model loads from the server (its artifacts in S3) and runs on the input contract.
+    import mlflow.pytorch
+    import torch
+
+    with tracking_uri(mlflow_server["uri"]):
+        model = mlflow.pytorch.load_model(summary["best"]["model_uri"])
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 80)
