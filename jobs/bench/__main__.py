@@ -13,6 +13,7 @@ BENCHES = {
     "train-overhead": "jobs.bench.train_overhead",
     "train-gpu": "jobs.bench.train_gpu",
     "tiny-recipe": "jobs.bench.tiny_recipe",
+    "tune": "jobs.bench.tune",
 }
 
 
