@@ -222,13 +222,7 @@ def _records(
     # Statuses and configs from Tune's experiment state: a restored trial that failed before it
     # reported anything has no config in its Result.
     trials = {t.trial_id: t for t in ExperimentAnalysis(experiment_path, storage_filesystem=fs).trials}
-    children = {
-        run.data.tags.get(TRIAL_TAG): run
-        for run in client.search_runs(
-            [client.get_run(parent_run_id).info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        )
-    }
+    children = {run.data.tags.get(TRIAL_TAG): run for run in _child_runs(client, parent_run_id)}
     records = []
     for result in results:
         trial_id = Path(result.path).name
@@ -275,13 +269,18 @@ def _records(
     return records
 
 
+def _child_runs(client: MlflowClient, parent_run_id: str, status: str | None = None) -> list:
+    """The sweep's trial runs (those with a given status only, if one is named)."""
+    where = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    if status is not None:
+        where += f" and attributes.status = '{status}'"
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=where)
+
+
 def _kill_running_children(client: MlflowClient, parent_run_id: str) -> None:
     """An interrupted sweep: every trial run still RUNNING was cut short (KILLED), whatever Tune says."""
-    parent = client.get_run(parent_run_id)
-    for run in client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    ):
+    for run in _child_runs(client, parent_run_id, status="RUNNING"):
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
