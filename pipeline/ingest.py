@@ -53,7 +53,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -63,12 +63,15 @@ import torch
 from pyarrow.fs import FileSystem
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
 
 from mltr.errors import ConfigError
 from pipeline.convert import ROW_GROUP_SIZE
 from pipeline.dataset import Manifest, RowFilter
+
+# torchvision is imported where images are decoded: importing it costs about a second (it brings
+# torch._dynamo in, via torchvision.models) to every driver that only builds datasets.
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 # Columns the map needs; image_id only names a bad image in the error (and is kept if asked).
 INPUT_COLUMNS = ["image_id", "image", "labels", "ignore"]
@@ -157,6 +160,8 @@ class IngestConfig:
 @lru_cache(maxsize=8)
 def make_transform(cfg: IngestConfig) -> v2.Transform:
     """The per-image transform of ``cfg``: uint8 (3, H, W) -> uint8 (3, S, S)."""
+    from torchvision.transforms import v2
+
     size = (cfg.image_size, cfg.image_size)
     aug = cfg.augment
     if aug is None:
@@ -184,6 +189,8 @@ def image_seed(seed: int, image_id: str) -> int:
 
 def decode_images(data: list[bytes] | np.ndarray, image_ids: list[str] | np.ndarray) -> list[torch.Tensor]:
     """Decode JPEG bytes to RGB uint8 (3, H, W) tensors; a bad image raises with its id."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     # A copy per image (a few tens of kB): decode_jpeg wants a writable tensor, bytes are read-only.
     tensors = [torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in data]
     if not tensors:
