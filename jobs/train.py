@@ -296,7 +296,12 @@ def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> d
     best = best_checkpoint(result)
     with best.as_directory() as folder:
         final = tracking.log_final_model(
-            client, run.mlflow_run_id, Path(folder), list(resolved.manifest.classes)
+            client,
+            run.mlflow_run_id,
+            Path(folder),
+            list(resolved.manifest.classes),
+            variant=resolved.config.model.variant,
+            dataset_fingerprint=resolved.manifest.fingerprint,
         )
     metrics = result.metrics or {}
     storage = "s3://" if run.storage_filesystem is not None else ""

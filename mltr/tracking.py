@@ -295,25 +295,32 @@ def log_pr_plot(
         _log_file(client, run_id, path, artifact_file)
 
 
-def log_final_model(client: MlflowClient, run_id: str, checkpoint_dir: Path, classes: list[str]) -> dict:
+def log_final_model(
+    client: MlflowClient,
+    run_id: str,
+    checkpoint_dir: Path,
+    classes: list[str],
+    variant: str | None = None,
+    dataset_fingerprint: str | None = None,
+) -> dict:
     """Log a checkpoint's selected weights as the run's MLflow model, with the selection's figures.
 
     The checkpoint's :class:`~mltr.checkpoint.TrainState` says which weights its epoch chose on the
     calibration split, their thresholds and their scores. Logged: the final metrics (``calib_mAP``,
     and ``val_mAP`` and CP..OF1 at the calibrated thresholds), a per-class table, the
-    validation precision-recall plot, and the model with its classes, thresholds and input
-    contract in its metadata. Returns the figures and the model's URI.
+    validation precision-recall plot, and the model: an MLflow pyfunc
+    (:class:`~mltr.serving.MlTrPyfunc`) taking encoded images and returning scores and labels,
+    with its classes, thresholds, input contract, variant and dataset fingerprint in its metadata.
+    Returns the figures and the model's URI.
     """
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
     from mltr.checkpoint import TrainState, load_model
+    from mltr.serving import ModelInfo, log_pyfunc_model
     from mltr.train import STATE_FILE, WEIGHT_FILES
 
     state = TrainState.load(checkpoint_dir / STATE_FILE)
     chosen = state.selection
-    model = load_model(checkpoint_dir / WEIGHT_FILES[chosen.weights])
+    weights = checkpoint_dir / WEIGHT_FILES[chosen.weights]
+    model = load_model(weights)
     figures = {"calib_mAP": chosen.calib_mAP, **{f"val_{k}": v for k, v in chosen.val.items()}}
     now = int(time.time() * 1000)
     # Metrics and tags, not params: a resumed run with more epochs may select another epoch.
@@ -346,44 +353,29 @@ def log_final_model(client: MlflowClient, run_id: str, checkpoint_dir: Path, cla
         {f"epoch {state.epoch} ({chosen.weights})": chosen.val_pr_curve},
         "evaluation/precision_recall.png",
     )
-    contract = model.config.input_contract()
-    log_json(
-        client,
-        run_id,
-        {"classes": classes, "thresholds": chosen.thresholds, "input": contract},
-        "model_info/classes.json",
+    info = ModelInfo(
+        classes=tuple(classes),
+        thresholds=tuple(float(t) for t in chosen.thresholds),
+        input=model.config.input_contract(),
+        variant=variant,
+        dataset_fingerprint=dataset_fingerprint,
+        extra={
+            "model_config": jsonable(dataclasses.asdict(model.config)),
+            "weights": chosen.weights,
+            "epoch": state.epoch,
+            "calib_mAP": float(chosen.calib_mAP),
+            "val_mAP": float(chosen.val_mAP),
+        },
     )
-    size = model.config.image_size
-    example = np.zeros((1, model.config.in_chans, size, size), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
+    log_json(client, run_id, info.to_json(), "model_info/classes.json")
     with tracking_uri(client.tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            # Pickle keeps the batch dimension free (pt2 export specialises it to the example's);
-            # loading needs the mltr package, which every stage that serves the model has.
-            serialization_format="pickle",
-            # Given, not inferred: inference reloads the model in a subprocess (5-6 s a run on 2
-            # cores, measured), and could not name the mltr package such a model needs anyway.
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-            metadata={
-                "classes": classes,
-                "thresholds": chosen.thresholds,
-                "input": contract,
-                "model_config": jsonable(dataclasses.asdict(model.config)),
-                "weights": chosen.weights,
-                "epoch": state.epoch,
-            },
-        )
+        logged = log_pyfunc_model(weights, info)
     return {
         **figures,
         "best_epoch": state.epoch,
         "weights": chosen.weights,
         "thresholds": chosen.thresholds,
-        "model_uri": info.model_uri,
+        "model_uri": logged.model_uri,
     }
 
 

@@ -67,14 +67,16 @@ def test_the_logged_model_is_the_selected_weights_with_classes_thresholds_and_in
     experiment = tracking.ensure_experiment(client, "t", (tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
 
-    final = tracking.log_final_model(client, run_id, folder, ["cat", "dog", "bird"])
+    final = tracking.log_final_model(
+        client, run_id, folder, ["cat", "dog", "bird"], variant="mltr_tiny", dataset_fingerprint="abc123"
+    )
 
     assert final["calib_mAP"] == 0.81 and final["val_mAP"] == 0.77 and final["best_epoch"] == 6
     metrics = client.get_run(run_id).data.metrics
     assert metrics["calib_mAP"] == 0.81 and metrics["val_mAP"] == 0.77 and metrics["val_CF1"] == 0.65
     with tracking.tracking_uri(uri):
         info = mlflow.models.get_model_info(final["model_uri"])
-        loaded = mlflow.pytorch.load_model(final["model_uri"])
+        loaded = mlflow.pyfunc.load_model(final["model_uri"])
     meta = info.metadata
     assert meta["classes"] == ["cat", "dog", "bird"] and meta["thresholds"] == [0.2, 0.4, 0.6]
     assert meta["input"] == {
@@ -85,11 +87,14 @@ def test_the_logged_model_is_the_selected_weights_with_classes_thresholds_and_in
         "channels": "RGB",
         "layout": "NCHW float32, (uint8 / 255 - mean) / std",
     }
+    assert meta["variant"] == "mltr_tiny" and meta["dataset_fingerprint"] == "abc123"
     assert meta["model_config"]["stem"] == models[weights].config.stem and meta["weights"] == weights
-    # The logged network is the selected one of the two.
+    assert info.signature.inputs.input_names() == ["image", "path"]
+    # The logged network is the selected one of the two: the pyfunc's scores are its sigmoid.
+    network = loaded.unwrap_python_model().predictor.model
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(loaded(images), models[weights](images))
+        assert torch.equal(network(images), models[weights](images))
     classes = json.loads(Path(client.download_artifacts(run_id, "model_info/classes.json")).read_text())
     assert classes["input"]["mean"] == [0.5, 0.5, 0.5]
 

@@ -1,0 +1,309 @@
+"""The model as its users call it: encoded images in, per-class scores and labels out.
+
+:class:`Predictor` holds a network with its classes, calibrated thresholds and input contract,
+and turns encoded images (JPEG or PNG bytes, or paths and URIs to read them from) into scores and
+labels: decode to RGB uint8, resize by the contract's rule, normalise, run the network in
+batches, sigmoid, then each class at or above its threshold. It is what the registered MLflow
+model (:class:`MlTrPyfunc`, logged by :func:`log_pyfunc_model`) runs, and what ``mltr predict``
+and ``mltr evaluate`` run on a checkpoint.
+
+An image that cannot be read or decoded is one row's ``error``, never the whole batch's.
+
+    model = mlflow.pyfunc.load_model("models:/mltr-coco@champion")
+    out = model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}))
+    out.loc[0, "labels"], out.loc[0, "scores"]     # ["cat"], [0.01, 0.93, ...] in class order
+
+Over HTTP (``mlflow models serve``) the ``image`` column arrives as base64 strings in
+``{"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}``; the signature's
+``binary`` type makes MLflow decode them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from mltr.model import MlTr, normalize
+
+# The pyfunc's input: one of these columns per row (bytes win when a row has both).
+IMAGE_COLUMN, PATH_COLUMN = "image", "path"
+# Its output, one row per input row: labels at the thresholds, scores in class order, and why a
+# row has neither (None when it has them).
+OUTPUT_COLUMNS = ("labels", "scores", "error")
+MODEL_INFO_FILE = "model_info.json"  # the pyfunc artifact with classes, thresholds and input contract
+MAX_IMAGE_BYTES = 64 * 2**20  # the most bytes read of one image: a huge file is an error, not an OOM
+
+
+class ImageError(ValueError):
+    """An input image that cannot be read or decoded; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the network needs around it: class names, per-class thresholds, input contract, provenance."""
+
+    classes: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    input: dict[str, Any]  # MlTrConfig.input_contract()
+    variant: str | None = None
+    dataset_fingerprint: str | None = None
+    extra: dict[str, Any] | None = None  # weights, epoch, model config: what the run chose
+
+    def __post_init__(self):
+        if len(self.classes) != len(self.thresholds):
+            raise ValueError(f"{len(self.classes)} classes but {len(self.thresholds)} thresholds")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "thresholds": list(self.thresholds),
+            "input": self.input,
+            "variant": self.variant,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            **(self.extra or {}),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        known = {"classes", "thresholds", "input", "variant", "dataset_fingerprint"}
+        return cls(
+            classes=tuple(data["classes"]),
+            thresholds=tuple(float(t) for t in data["thresholds"]),
+            input=dict(data["input"]),
+            variant=data.get("variant"),
+            dataset_fingerprint=data.get("dataset_fingerprint"),
+            extra={k: v for k, v in data.items() if k not in known} or None,
+        )
+
+
+def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of an image at a local path, ``file://`` or any fsspec URI (``s3://``)."""
+    import fsspec
+
+    try:
+        with fsspec.open(source, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{source}: is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{source}: cannot be read: {exc}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"{source}: larger than {max_bytes} bytes")
+    return data
+
+
+def decode_image(data: bytes | bytearray | memoryview, name: str = "image") -> torch.Tensor:
+    """JPEG or PNG bytes (base64 text too) -> RGB uint8 (3, H, W); an :class:`ImageError` naming ``name``."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"{name}: a string that is not base64-encoded image bytes") from None
+    raw = bytes(data)
+    if not raw:
+        raise ImageError(f"{name}: empty")
+    try:
+        image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImageError(f"{name}: not a decodable JPEG or PNG image: {reason}") from None
+    if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+        raise ImageError(f"{name}: decoded to an unexpected shape {tuple(image.shape)}")
+    return image
+
+
+def resize_image(image: torch.Tensor, contract: dict[str, Any]) -> torch.Tensor:
+    """RGB uint8 (3, H, W) -> uint8 (3, S, S) by the contract's rule (``squash``), as evaluation resizes."""
+    from torchvision.transforms.v2 import functional as F
+
+    if contract["resize"] != "squash":
+        raise ValueError(f"unknown resize rule {contract['resize']!r}")
+    size = int(contract["image_size"])
+    return F.resize(image, [size, size], antialias=True)
+
+
+class Predictor:
+    """A network with its :class:`ModelInfo`: encoded images in, scores and labels out, in batches."""
+
+    def __init__(self, model: MlTr, info: ModelInfo, batch_size: int = 32, device: str | None = None):
+        if len(info.classes) != model.config.num_classes:
+            raise ValueError(
+                f"{len(info.classes)} classes for a network of {model.config.num_classes} outputs"
+            )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.batch_size = batch_size
+        self.thresholds = np.asarray(info.thresholds, dtype=np.float64)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike, classes: Sequence[str], **kwargs) -> Predictor:
+        """The weights a training checkpoint (a local folder) selected, with its calibrated thresholds."""
+        from mltr.checkpoint import TrainState, load_model
+        from mltr.train import STATE_FILE, WEIGHT_FILES
+
+        state = TrainState.load(Path(folder) / STATE_FILE)
+        model = load_model(Path(folder) / WEIGHT_FILES[state.selection.weights])
+        info = ModelInfo(
+            classes=tuple(classes),
+            thresholds=tuple(state.selection.thresholds),
+            input=model.config.input_contract(),
+            extra={"weights": state.selection.weights, "epoch": state.epoch},
+        )
+        return cls(model, info, **kwargs)
+
+    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decoded RGB uint8 images -> the network's float32 (N, 3, S, S) input (the input contract)."""
+        contract = self.info.input
+        batch = torch.stack([resize_image(image, contract) for image in images])
+        return normalize(batch.to(self.device), tuple(contract["mean"]), tuple(contract["std"]))
+
+    @torch.no_grad()
+    def scores(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """Sigmoid scores (N, classes) of decoded images, in batches of ``batch_size``."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            logits = self.model(self.preprocess(images[start : start + self.batch_size]))
+            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.info.classes)), dtype=np.float32)
+
+    def labels(self, scores: np.ndarray) -> list[list[str]]:
+        """The classes at or above their calibrated thresholds, per row."""
+        return [[self.info.classes[i] for i in np.flatnonzero(row >= self.thresholds)] for row in scores]
+
+    def predict_encoded(
+        self, items: Iterable[tuple[str, bytes | str | None, str | None]]
+    ) -> list[dict[str, Any]]:
+        """``(name, data, path)`` rows -> ``{"labels", "scores", "error"}`` per row, in order.
+
+        ``data`` (bytes or base64 text) wins; else the image is read from ``path``. A row that
+        cannot be read or decoded gets its ``error`` and no labels; the others are scored.
+        """
+        rows: list[dict[str, Any]] = []
+        decoded: list[torch.Tensor] = []
+        where: list[int] = []
+        for name, data, path in items:
+            try:
+                if data is None or (isinstance(data, float) and np.isnan(data)):
+                    if not path:
+                        raise ImageError(f"{name}: neither image bytes nor a path")
+                    data = read_image_bytes(path)
+                decoded.append(decode_image(data, name))
+                where.append(len(rows))
+                rows.append({"labels": [], "scores": [], "error": None})
+            except ImageError as exc:
+                rows.append({"labels": [], "scores": [], "error": str(exc)})
+        if decoded:
+            scores = self.scores(decoded)
+            for i, row_scores, row_labels in zip(where, scores, self.labels(scores), strict=True):
+                rows[i] = {"labels": row_labels, "scores": [float(s) for s in row_scores], "error": None}
+        return rows
+
+
+def _column(frame, name: str) -> list:
+    return list(frame[name]) if name in frame.columns else [None] * len(frame)
+
+
+class MlTrPyfunc(mlflow.pyfunc.PythonModel):
+    """The registered model: a DataFrame with ``image`` (encoded bytes) or ``path`` in; ``labels``,
+    ``scores`` (class order: the metadata's ``classes``) and ``error`` out, one row per input row."""
+
+    def load_context(self, context):
+        from mltr.checkpoint import load_model
+
+        info = ModelInfo.from_json(json.loads(Path(context.artifacts["model_info"]).read_text()))
+        batch_size = int((info.extra or {}).get("batch_size", 32))
+        self.predictor = Predictor(load_model(context.artifacts["weights"]), info, batch_size=batch_size)
+
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        if IMAGE_COLUMN not in model_input.columns and PATH_COLUMN not in model_input.columns:
+            raise ValueError(
+                f"the input needs a column {IMAGE_COLUMN!r} (encoded JPEG or PNG bytes) or {PATH_COLUMN!r}; "
+                f"got {list(model_input.columns)}"
+            )
+        paths, data = _column(model_input, PATH_COLUMN), _column(model_input, IMAGE_COLUMN)
+        names = [path if path else f"row {i}" for i, path in enumerate(paths)]
+        rows = self.predictor.predict_encoded(zip(names, data, paths, strict=True))
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def signature():
+    """The pyfunc's signature: ``image`` (binary: base64 over JSON) or ``path`` in; labels, scores, error out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
+                ColSpec(DataType.string, PATH_COLUMN, required=False),
+            ]
+        ),
+        outputs=Schema(
+            [
+                ColSpec(Array(DataType.string), "labels"),
+                ColSpec(Array(DataType.double), "scores"),
+                ColSpec(DataType.string, "error", required=False),
+            ]
+        ),
+    )
+
+
+def example_image(size: int) -> bytes:
+    """A mid-grey JPEG of ``size`` x ``size``: the logged input example."""
+    from torchvision.io import encode_jpeg
+
+    return encode_jpeg(torch.full((3, size, size), 128, dtype=torch.uint8), quality=90).numpy().tobytes()
+
+
+def pip_requirements() -> list[str]:
+    """What the model's environment needs beside the mltr package (given, not inferred: inference
+    reloads the model in a subprocess, 5-6 s a run on 2 cores, and cannot name mltr anyway)."""
+    import importlib.metadata as md
+
+    names = ("mlflow", "torch", "torchvision", "numpy", "pandas", "fsspec")
+    return [f"{name}=={md.version(name).split('+')[0]}" for name in names]
+
+
+def log_pyfunc_model(weights: str | os.PathLike, info: ModelInfo, name: str = "model", **kwargs):
+    """Log the network at ``weights`` (MlTr's checkpoint format) as an MLflow pyfunc in the active run.
+
+    ``info`` goes both into an artifact the model loads and into the model's metadata, so a
+    registry client reads the classes, thresholds, input contract, variant and dataset fingerprint
+    without loading anything. Returns MLflow's ``ModelInfo``.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info_file = Path(tmp) / MODEL_INFO_FILE
+        info_file.write_text(json.dumps(info.to_json(), indent=1))
+        example = pd.DataFrame({IMAGE_COLUMN: [example_image(int(info.input["image_size"]))]})
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=MlTrPyfunc(),
+            artifacts={"weights": os.fspath(weights), "model_info": str(info_file)},
+            signature=signature(),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata=info.to_json(),
+            **kwargs,
+        )
