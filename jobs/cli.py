@@ -11,6 +11,9 @@ JOBS = {
     "bench": "jobs.bench.__main__",
     "train": "jobs.train",
     "tune": "jobs.tune",
+    "register": "jobs.register",
+    "promote": "jobs.promote",
+    "evaluate": "jobs.evaluate",
     "demo": "jobs.demo",
 }
 

@@ -175,13 +175,17 @@ class Predictor:
         return normalize(batch.to(self.device), tuple(contract["mean"]), tuple(contract["std"]))
 
     @torch.no_grad()
-    def scores(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """Sigmoid scores (N, classes) of decoded images, in batches of ``batch_size``."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            logits = self.model(self.preprocess(images[start : start + self.batch_size]))
-            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+    def logits(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """The network's logits (N, classes) of decoded images, in batches of ``batch_size``."""
+        out = [
+            self.model(self.preprocess(images[start : start + self.batch_size])).float().cpu().numpy()
+            for start in range(0, len(images), self.batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, len(self.info.classes)), dtype=np.float32)
+
+    def scores(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """Sigmoid scores (N, classes) of decoded images."""
+        return 1.0 / (1.0 + np.exp(-self.logits(images).astype(np.float64)))
 
     def labels(self, scores: np.ndarray) -> list[list[str]]:
         """The classes at or above their calibrated thresholds, per row."""

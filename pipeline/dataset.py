@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -185,6 +185,12 @@ class Manifest:
         ]
         schema = pa.schema([SCHEMA.field(c) for c in columns])
         return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def iter_batches(self, split: str, columns: list[str], batch_size: int = 64) -> Iterator[pa.RecordBatch]:
+        """Some columns of ``split`` in record batches, shard by shard, read on this process (images too)."""
+        for path in self.files(split):
+            with self.filesystem.open_input_file(path) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
     def _location(self) -> Location:
         if self.location is None:

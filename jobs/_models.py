@@ -1,0 +1,100 @@
+"""What the registry jobs share: the MLflow client, a model by URI or checkpoint, a split scored by it."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from jobs._config import opt
+from mltr import tracking
+from mltr.errors import ConfigError
+from mltr.serving import ImageError, Predictor, decode_image
+from pipeline.dataset import Manifest
+from pipeline.ingest import multi_hot
+from pipeline.storage import resolve as resolve_storage
+
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+@dataclass(frozen=True)
+class TrackingArgs:
+    """Where the registry is."""
+
+    mlflow_uri: str | None = opt(
+        None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in workdir)"
+    )
+    workdir: str = opt("work", "local folder of the embedded default (the SQLite MLflow store)")
+
+    def client(self) -> MlflowClient:
+        uri = self.mlflow_uri or tracking.default_tracking_uri(Path(self.workdir).resolve())
+        tracking.check_reachable(uri)
+        return MlflowClient(uri)
+
+
+def load_predictor(
+    model: str, client: MlflowClient, classes: tuple[str, ...] | None = None, batch_size: int = 32
+) -> Predictor:
+    """A registered or logged model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/ID/model``) or
+    a training checkpoint folder (local or ``s3://``; its classes are the dataset's)."""
+    if model.startswith(MODEL_URI_SCHEMES):
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with tracking.tracking_uri(client.tracking_uri):
+                pyfunc = mlflow.pyfunc.load_model(model)
+        except MlflowException as exc:
+            raise ConfigError(f"{model}: {exc.message}") from None
+        predictor = pyfunc.unwrap_python_model().predictor
+        predictor.batch_size = batch_size
+        return predictor
+    if classes is None:
+        raise ConfigError(f"{model}: a checkpoint folder needs --data for its classes")
+    location = resolve_storage(model)
+    if not location.is_dir():
+        raise ConfigError(
+            f"{model}: neither a model URI ({', '.join(MODEL_URI_SCHEMES)}) nor a checkpoint folder"
+        )
+    if location.scheme != "s3":
+        return Predictor.from_checkpoint(location.path, classes, batch_size=batch_size)
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(location.path, tmp, source_filesystem=location.fs)
+        return Predictor.from_checkpoint(tmp, classes, batch_size=batch_size)
+
+
+def check_classes(predictor: Predictor, manifest: Manifest, model: str) -> None:
+    if tuple(predictor.info.classes) != tuple(manifest.classes):
+        raise ConfigError(
+            f"{model} predicts {len(predictor.info.classes)} classes that are not the dataset's "
+            f"{manifest.uri} ({manifest.num_classes} classes): it was trained on other data"
+        )
+
+
+def score_split(
+    predictor: Predictor, manifest: Manifest, split: str, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits, targets, ignore)`` of every row of a converted split, in shard order."""
+    logits, labels, ignores, ids = [], [], [], []
+    for batch in manifest.iter_batches(split, ["image_id", "image", "labels", "ignore"], batch_size):
+        rows = batch.to_pydict()
+        try:
+            images = [
+                decode_image(data, f"{split}/{image_id}")
+                for image_id, data in zip(rows["image_id"], rows["image"], strict=True)
+            ]
+        except ImageError as exc:  # a converted dataset holds only decodable images: it is damaged
+            raise ConfigError(f"{manifest.uri}: {exc}") from None
+        logits.append(predictor.logits(images))
+        labels += rows["labels"]
+        ignores += rows["ignore"]
+        ids += rows["image_id"]
+    if not ids:
+        raise ConfigError(f"{manifest.uri}: split {split!r} has no rows")
+    targets, ignore = multi_hot(labels, ignores, manifest.num_classes, ids)
+    return np.concatenate(logits), targets, ignore

@@ -1,0 +1,196 @@
+"""Promote a registered version to ``champion`` only when it scores better on the same images, or roll back.
+
+    mltr promote --name mltr-coco --data s3://bucket/datasets/coco [--alias challenger | --version 7]
+                 [--split val] [--min-gain 0.0] [--force]
+    mltr promote --name mltr-coco --rollback
+
+Both the candidate and the current champion are scored from their registered models on the same
+split (never from logged metrics); the decision is on the mAP difference, with a 95% paired
+bootstrap interval over images. ``champion`` moves only when the difference is at least
+``--min-gain`` (or with ``--force``); the displaced champion becomes ``previous-champion``. The
+decision, both scores and the interval are tags on both versions. With no champion yet the
+candidate becomes champion. ``--rollback`` swaps ``champion`` and ``previous-champion``. Every
+alias move happens under the model's promotion lease and is read back. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from mlflow.tracking import MlflowClient
+
+from jobs._config import component, opt, parse_config
+from jobs._models import TrackingArgs, check_classes, load_predictor, score_split
+from jobs._runtime import run_job, setup_logging
+from mltr import registry
+from mltr.errors import ConfigError
+from pipeline.dataset import load_manifest
+
+log = logging.getLogger("jobs.promote")
+
+DECISION_TAG = "mltr.promotion.decision"  # promoted | refused | forced | first-champion | rolled-back
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """Which version to promote, judged on which data, by how much it must win."""
+
+    name: str | None = opt(None, "registered model name")
+    version: int | None = opt(None, "the candidate version (default: the --alias version)")
+    alias: str = opt(registry.CHALLENGER, "the candidate's alias, when no --version is given")
+    data: str | None = opt(None, "a converted dataset: both models are scored on its --split")
+    split: str = opt("val", "the split both models are scored on")
+    min_gain: float = opt(0.0, "the least mAP difference (candidate - champion) that promotes")
+    force: bool = opt(False, "promote whatever the difference (recorded as forced)")
+    rollback: bool = opt(False, "swap champion and previous-champion back")
+    resamples: int = opt(1000, "bootstrap resamples of the images")
+    batch_size: int = opt(32, "images per forward pass")
+    lease_settle_s: float = opt(2.0, "promotion lease: seconds a taker waits before reading itself back")
+    lease_ttl_s: float = opt(900.0, "promotion lease: seconds after which a holder's lease is stale")
+    tracking: TrackingArgs = component(TrackingArgs)
+
+
+def _tag_both(client: MlflowClient, name: str, versions: dict[str, str], tags: dict[str, str]) -> None:
+    for role, version in versions.items():
+        for key, value in {**tags, "mltr.promotion.role": role}.items():
+            client.set_model_version_tag(name, version, key, value)
+
+
+def rollback(client: MlflowClient, config: PromoteConfig, lease: registry.PromotionLease) -> dict:
+    current = registry.aliases(client, config.name)
+    champion, previous = current.get(registry.CHAMPION), current.get(registry.PREVIOUS)
+    if previous is None or champion is None:
+        raise registry.RegistryError(
+            f"{config.name!r} has no champion and previous-champion to swap: {current}"
+        )
+    after = registry.move_aliases(
+        client, config.name, {registry.CHAMPION: previous, registry.PREVIOUS: champion}
+    )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _tag_both(
+        client,
+        config.name,
+        {"restored": previous, "rolled-back": champion},
+        {DECISION_TAG: "rolled-back", "mltr.promotion.at": stamp, "mltr.promotion.lease": lease.holder["id"]},
+    )
+    return {
+        "name": config.name,
+        "decision": "rolled-back",
+        "champion": previous,
+        "previous_champion": champion,
+        "aliases": after,
+    }
+
+
+def promote(client: MlflowClient, config: PromoteConfig, lease: registry.PromotionLease) -> dict:
+    name = config.name
+    candidate = registry.resolve_version(
+        client, name, config.version, None if config.version else config.alias
+    )
+    current = registry.aliases(client, name)
+    champion = current.get(registry.CHAMPION)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    base = {"mltr.promotion.at": stamp, "mltr.promotion.lease": lease.holder["id"]}
+    cand = str(candidate.version)
+    if champion == cand:
+        raise registry.RegistryError(f"{name!r} version {cand} is already the champion")
+    if champion is None:
+        after = registry.move_aliases(client, name, {registry.CHAMPION: cand})
+        _tag_both(client, name, {"candidate": cand}, {**base, DECISION_TAG: "first-champion"})
+        return {"name": name, "decision": "first-champion", "champion": cand, "aliases": after}
+
+    manifest = load_manifest(config.data)
+    scores = {}
+    for role, version in (("candidate", cand), ("champion", champion)):
+        predictor = load_predictor(f"models:/{name}/{version}", client, batch_size=config.batch_size)
+        check_classes(predictor, manifest, f"models:/{name}/{version}")
+        logits, targets, ignore = score_split(predictor, manifest, config.split, config.batch_size)
+        scores[role] = logits
+        log.info("scored %s version %s on %s/%s", role, version, manifest.uri, config.split)
+    comparison = registry.paired_bootstrap(
+        scores["candidate"], scores["champion"], targets, ignore, resamples=config.resamples
+    )
+    wins = comparison.gain >= config.min_gain
+    decision = "promoted" if wins else ("forced" if config.force else "refused")
+    tags = {
+        **base,
+        DECISION_TAG: decision,
+        "mltr.promotion.candidate": cand,
+        "mltr.promotion.champion": champion,
+        "mltr.promotion.candidate_mAP": f"{comparison.candidate_mAP:.6f}",
+        "mltr.promotion.champion_mAP": f"{comparison.champion_mAP:.6f}",
+        "mltr.promotion.gain": f"{comparison.gain:.6f}",
+        "mltr.promotion.gain_ci95": f"[{comparison.low:.6f}, {comparison.high:.6f}]",
+        "mltr.promotion.min_gain": f"{config.min_gain:g}",
+        "mltr.promotion.data": f"{manifest.uri}#{config.split}",
+        "mltr.promotion.dataset_fingerprint": manifest.fingerprint,
+        "mltr.promotion.images": str(comparison.images),
+    }
+    # The decision is recorded before any alias moves: an alias never points at a version whose
+    # recorded decision lost (a crash in between leaves the old champion in place).
+    _tag_both(client, name, {"candidate": cand, "champion": champion}, tags)
+    after = current
+    if decision != "refused":
+        moves = {registry.CHAMPION: cand, registry.PREVIOUS: champion}
+        if current.get(registry.CHALLENGER) == cand:
+            moves[registry.CHALLENGER] = None  # the challenger won: it is the champion now
+        after = registry.move_aliases(client, name, moves)
+    return {
+        "name": name,
+        "decision": decision,
+        "candidate": cand,
+        "champion": after.get(registry.CHAMPION),
+        "previous_champion": after.get(registry.PREVIOUS),
+        "candidate_mAP": comparison.candidate_mAP,
+        "champion_mAP": comparison.champion_mAP,
+        "gain": comparison.gain,
+        "gain_ci95": [comparison.low, comparison.high],
+        "min_gain": config.min_gain,
+        "images": comparison.images,
+        "aliases": after,
+    }
+
+
+def run(config: PromoteConfig) -> dict:
+    if not config.name:
+        raise ConfigError("--name is required")
+    if not config.rollback and not config.data:
+        raise ConfigError("--data is required: both models are scored on the same split of it")
+    client = config.tracking.client()
+    try:
+        client.get_registered_model(config.name)
+    except Exception:
+        raise ConfigError(
+            f"no registered model {config.name!r} in {client.tracking_uri}: mltr register first"
+        ) from None
+    lease = registry.PromotionLease(
+        client, config.name, ttl_s=config.lease_ttl_s, settle_s=config.lease_settle_s
+    )
+    with lease:
+        result = rollback(client, config, lease) if config.rollback else promote(client, config, lease)
+    line = {"promoted": "promoted", "forced": "promoted (forced)", "refused": "refused"}.get(
+        result["decision"], result["decision"]
+    )
+    if "gain" in result:
+        print(
+            f"{config.name}: candidate v{result['candidate']} mAP {result['candidate_mAP']:.4f} vs champion "
+            f"mAP {result['champion_mAP']:.4f}: gain {result['gain']:+.4f} "
+            f"(95% CI {result['gain_ci95'][0]:+.4f} .. {result['gain_ci95'][1]:+.4f}, {result['images']} images) -> {line}",
+            flush=True,
+        )
+    else:
+        print(f"{config.name}: {line}; champion is v{result['champion']}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(PromoteConfig, argv, prog="mltr promote", job="promote")
+    return run_job("promote", lambda: run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

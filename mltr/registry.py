@@ -1,0 +1,230 @@
+"""The model registry on MLflow: versions from training runs, aliases moved behind a lease.
+
+Promotion moves aliases (MLflow's stages are deprecated): ``challenger`` is the latest
+registered candidate, ``champion`` the model that serves, ``previous-champion`` the one it
+displaced (what a rollback restores). MLflow has no compare-and-set on aliases
+(``set_registered_model_alias`` is an upsert), so every alias move happens inside a
+:class:`PromotionLease` and is read back afterwards.
+
+The decision compares two models on the same images: :func:`paired_bootstrap` gives the mAP
+difference and a 95% interval from resampling images (both models scored on each resample).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mltr.errors import MltrError
+from mltr.metrics import mean_average_precision
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
+LEASE_TAG = "mltr.promotion_lease"  # on the registered model: who holds the promotion lease, until when
+
+
+class RegistryError(MltrError):
+    """The registry is not in the state an operation needs; the message says what to do."""
+
+
+def default_name(dataset: str) -> str:
+    return f"mltr-{dataset}"
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """``{alias: version}`` of a registered model (read from the model: version searches omit aliases)."""
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def resolve_version(
+    client: MlflowClient, name: str, version: str | int | None = None, alias: str | None = None
+):
+    """The ``ModelVersion`` named by number or by alias, or a :class:`RegistryError` saying what exists."""
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, alias or CHALLENGER)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        what = f"version {version}" if version is not None else f"alias @{alias or CHALLENGER}"
+        try:
+            known = aliases(client, name)
+        except MlflowException:
+            raise RegistryError(
+                f"no registered model {name!r}: register a run first (mltr register)"
+            ) from None
+        raise RegistryError(f"{name!r} has no {what}; its aliases: {known or 'none'}") from None
+
+
+def version_tags(run) -> dict[str, str]:
+    """What a registered version says about itself, from its training run."""
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    out = {
+        "dataset": tags.get("mltr.dataset_uri", ""),
+        "dataset_fingerprint": tags.get("mltr.dataset_fingerprint", ""),
+        "variant": params.get("model", ""),
+        "window_size": params.get("window_size", ""),
+        "loss": params.get("loss", ""),
+        "calib_mAP": f"{metrics['calib_mAP']:.6f}" if "calib_mAP" in metrics else "",
+        "val_mAP": f"{metrics['val_mAP']:.6f}" if "val_mAP" in metrics else "",
+        "git_commit": tags.get("mlflow.source.git.commit", ""),
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def register_run(client: MlflowClient, run_id: str, name: str, alias: str | None = CHALLENGER):
+    """Register the model a training run logged as a new version of ``name``; point ``alias`` at it."""
+    import mlflow
+
+    from mltr.tracking import tracking_uri
+
+    run = client.get_run(run_id)
+    model_uri = run.data.tags.get("mltr.model_uri")
+    if not model_uri:
+        raise RegistryError(
+            f"run {run_id} has no logged model (tag mltr.model_uri; status {run.info.status}): "
+            f"only a finished training run can be registered"
+        )
+    with tracking_uri(client.tracking_uri):
+        version = mlflow.register_model(model_uri, name, tags=version_tags(run))
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return client.get_model_version(name, version.version)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate vs champion on the same images: mAP of each, the difference and its bootstrap interval."""
+
+    candidate_mAP: float
+    champion_mAP: float
+    gain: float  # candidate - champion
+    low: float  # 95% paired bootstrap interval of the gain
+    high: float
+    images: int
+    resamples: int
+
+
+def paired_bootstrap(
+    candidate: np.ndarray,
+    champion: np.ndarray,
+    targets: np.ndarray,
+    ignore: np.ndarray | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Comparison:
+    """mAP of both score matrices (N, C) on the same images, and a paired bootstrap interval of the gain.
+
+    Each resample draws N images with replacement and scores both models on that same draw: the
+    interval is of the difference, so what the two models share (easy and hard images) cancels.
+    """
+    n = len(targets)
+    if not n or candidate.shape != champion.shape or candidate.shape[0] != n:
+        raise ValueError(f"scores {candidate.shape} and {champion.shape} for {n} images")
+    cand_map, _ = mean_average_precision(candidate, targets, ignore)
+    champ_map, _ = mean_average_precision(champion, targets, ignore)
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        sub_ignore = None if ignore is None else ignore[idx]
+        a, _ = mean_average_precision(candidate[idx], targets[idx], sub_ignore)
+        b, _ = mean_average_precision(champion[idx], targets[idx], sub_ignore)
+        if not (np.isnan(a) or np.isnan(b)):
+            gains.append(a - b)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(gains, [tail, 100 - tail]) if gains else (float("nan"),) * 2
+    return Comparison(cand_map, champ_map, cand_map - champ_map, float(low), float(high), n, len(gains))
+
+
+class LeaseBusy(RegistryError):
+    """Another promotion of the same model holds the lease and did not release it in time."""
+
+
+class PromotionLease:
+    """Mutual exclusion of promotions of one registered model, on a registered-model tag.
+
+    MLflow offers no atomic compare-and-set, so this is Fischer's timed mutual exclusion: a
+    taker that finds the lease free (or stale: past its expiry) writes itself as the holder,
+    waits ``settle_s`` (longer than any read-then-write of a competitor takes), and holds the
+    lease only if it reads itself back. Of two takers that both found it free, the later write
+    wins and the earlier one sees it. The holder (id, host, pid, since, expires) is recorded on
+    the model, so a stuck promotion is visible; a lease past ``ttl_s`` is taken over.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        name: str,
+        ttl_s: float = 600.0,
+        settle_s: float = 2.0,
+        wait_s: float = 300.0,
+    ):
+        self.client, self.name = client, name
+        self.ttl_s, self.settle_s, self.wait_s = ttl_s, settle_s, wait_s
+        self.holder: dict | None = None
+
+    def read(self) -> dict | None:
+        text = self.client.get_registered_model(self.name).tags.get(LEASE_TAG)
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:
+            return None  # unreadable: treated as free (it can hold no one out)
+
+    def __enter__(self) -> PromotionLease:
+        me = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            current = self.read()
+            if current is None or current.get("expires", 0) < time.time():
+                if current is not None:
+                    log.warning("taking over the stale promotion lease of %s: %s", self.name, current)
+                now = time.time()
+                mine = {**me, "since": now, "expires": now + self.ttl_s}
+                self.client.set_registered_model_tag(self.name, LEASE_TAG, json.dumps(mine))
+                time.sleep(self.settle_s)
+                current = self.read()
+                if current is not None and current.get("id") == me["id"]:
+                    self.holder = mine
+                    return self
+            if time.monotonic() > deadline:
+                raise LeaseBusy(
+                    f"another promotion of {self.name!r} holds its lease ({current}); "
+                    f"it expires at {time.ctime(current.get('expires', 0)) if current else '?'}"
+                )
+            time.sleep(self.settle_s / 2 + random.random() * self.settle_s)
+
+    def __exit__(self, *exc) -> None:
+        current = self.read()
+        if self.holder and current and current.get("id") == self.holder["id"]:
+            self.client.delete_registered_model_tag(self.name, LEASE_TAG)
+        self.holder = None
+
+
+def move_aliases(client: MlflowClient, name: str, wanted: Mapping[str, str | None]) -> dict[str, str]:
+    """Set (or, for None, delete) aliases; read them back and raise if any is not as written."""
+    for alias, version in wanted.items():
+        if version is None:
+            if alias in aliases(client, name):
+                client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, version)
+    now = aliases(client, name)
+    wrong = {a: now.get(a) for a, v in wanted.items() if now.get(a) != v}
+    if wrong:
+        raise RegistryError(f"{name!r}: aliases read back as {wrong} after writing {dict(wanted)}")
+    return now
