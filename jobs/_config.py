@@ -28,9 +28,18 @@ T = TypeVar("T")
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
-def opt(default: Any, help: str = "", flag: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with help text (and optionally another flag name) for the generated CLI."""
-    metadata = {"help": help, **({"flag": flag} if flag else {})}
+def opt(
+    default: Any, help: str = "", flag: str | None = None, positional: bool = False, **kwargs: Any
+) -> Any:
+    """A dataclass field with help text (and optionally another flag name) for the generated CLI.
+
+    ``positional``: a tuple field filled by the command line's positional arguments (``INPUTS...``).
+    """
+    metadata = {
+        "help": help,
+        **({"flag": flag} if flag else {}),
+        **({"positional": True} if positional else {}),
+    }
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -168,7 +177,10 @@ def build_parser(
             "help": f.metadata.get("help", "") + shown,
             "default": argparse.SUPPRESS,
         }
-        if tp is bool:
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            parser.add_argument(leaf.flag, nargs="*", metavar=leaf.flag.upper(), **kwargs)
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             conv, choices = _converter(tp)
@@ -217,7 +229,7 @@ def parse_config(
             if name not in leaves:
                 parser.error(f"preset {preset!r}: unknown field {key!r} (known: {', '.join(sorted(leaves))})")
             values[name] = _coerce(leaves[name], value)
-    values.update(args)
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     try:
         return from_flat(cls, values)
     except (TypeError, ValueError) as exc:

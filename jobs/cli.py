@@ -14,6 +14,8 @@ JOBS = {
     "register": "jobs.register",
     "promote": "jobs.promote",
     "evaluate": "jobs.evaluate",
+    "predict": "jobs.predict",
+    "export": "jobs.export",
     "demo": "jobs.demo",
 }
 

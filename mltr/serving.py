@@ -4,8 +4,8 @@
 and turns encoded images (JPEG or PNG bytes, or paths and URIs to read them from) into scores and
 labels: decode to RGB uint8, resize by the contract's rule, normalise, run the network in
 batches, sigmoid, then each class at or above its threshold. It is what the registered MLflow
-model (:class:`MlTrPyfunc`, logged by :func:`log_pyfunc_model`) runs, and what ``mltr predict``
-and ``mltr evaluate`` run on a checkpoint.
+model (:class:`mltr.pyfunc.MlTrPyfunc`, logged by :func:`mltr.pyfunc.log_pyfunc_model`) runs,
+and what ``mltr predict`` and ``mltr evaluate`` run on a checkpoint.
 
 An image that cannot be read or decoded is one row's ``error``, never the whole batch's.
 
@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
-import pandas as pd
 import torch
 
 from mltr.model import MlTr, normalize
@@ -42,7 +40,11 @@ IMAGE_COLUMN, PATH_COLUMN = "image", "path"
 # row has neither (None when it has them).
 OUTPUT_COLUMNS = ("labels", "scores", "error")
 MODEL_INFO_FILE = "model_info.json"  # the pyfunc artifact with classes, thresholds and input contract
-MAX_IMAGE_BYTES = 64 * 2**20  # the most bytes read of one image: a huge file is an error, not an OOM
+MAX_IMAGE_BYTES = 64 * 2**20
+# torchvision prefixes "<function>, <source file>:<line>, " to the decoder's message.
+TORCHVISION_PREFIX = re.compile(
+    r"^\w+, \S+:\d+, "
+)  # the most bytes read of one image: a huge file is an error, not an OOM
 
 
 class ImageError(ValueError):
@@ -121,7 +123,8 @@ def decode_image(data: bytes | bytearray | memoryview, name: str = "image") -> t
     try:
         image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = TORCHVISION_PREFIX.sub("", str(exc).strip())
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise ImageError(f"{name}: not a decodable JPEG or PNG image: {reason}") from None
     if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
         raise ImageError(f"{name}: decoded to an unexpected shape {tuple(image.shape)}")
@@ -218,96 +221,3 @@ class Predictor:
             for i, row_scores, row_labels in zip(where, scores, self.labels(scores), strict=True):
                 rows[i] = {"labels": row_labels, "scores": [float(s) for s in row_scores], "error": None}
         return rows
-
-
-def _column(frame, name: str) -> list:
-    return list(frame[name]) if name in frame.columns else [None] * len(frame)
-
-
-class MlTrPyfunc(mlflow.pyfunc.PythonModel):
-    """The registered model: a DataFrame with ``image`` (encoded bytes) or ``path`` in; ``labels``,
-    ``scores`` (class order: the metadata's ``classes``) and ``error`` out, one row per input row."""
-
-    def load_context(self, context):
-        from mltr.checkpoint import load_model
-
-        info = ModelInfo.from_json(json.loads(Path(context.artifacts["model_info"]).read_text()))
-        batch_size = int((info.extra or {}).get("batch_size", 32))
-        self.predictor = Predictor(load_model(context.artifacts["weights"]), info, batch_size=batch_size)
-
-    def predict(
-        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        if IMAGE_COLUMN not in model_input.columns and PATH_COLUMN not in model_input.columns:
-            raise ValueError(
-                f"the input needs a column {IMAGE_COLUMN!r} (encoded JPEG or PNG bytes) or {PATH_COLUMN!r}; "
-                f"got {list(model_input.columns)}"
-            )
-        paths, data = _column(model_input, PATH_COLUMN), _column(model_input, IMAGE_COLUMN)
-        names = [path if path else f"row {i}" for i, path in enumerate(paths)]
-        rows = self.predictor.predict_encoded(zip(names, data, paths, strict=True))
-        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-
-
-def signature():
-    """The pyfunc's signature: ``image`` (binary: base64 over JSON) or ``path`` in; labels, scores, error out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
-
-    return ModelSignature(
-        inputs=Schema(
-            [
-                ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
-                ColSpec(DataType.string, PATH_COLUMN, required=False),
-            ]
-        ),
-        outputs=Schema(
-            [
-                ColSpec(Array(DataType.string), "labels"),
-                ColSpec(Array(DataType.double), "scores"),
-                ColSpec(DataType.string, "error", required=False),
-            ]
-        ),
-    )
-
-
-def example_image(size: int) -> bytes:
-    """A mid-grey JPEG of ``size`` x ``size``: the logged input example."""
-    from torchvision.io import encode_jpeg
-
-    return encode_jpeg(torch.full((3, size, size), 128, dtype=torch.uint8), quality=90).numpy().tobytes()
-
-
-def pip_requirements() -> list[str]:
-    """What the model's environment needs beside the mltr package (given, not inferred: inference
-    reloads the model in a subprocess, 5-6 s a run on 2 cores, and cannot name mltr anyway)."""
-    import importlib.metadata as md
-
-    names = ("mlflow", "torch", "torchvision", "numpy", "pandas", "fsspec")
-    return [f"{name}=={md.version(name).split('+')[0]}" for name in names]
-
-
-def log_pyfunc_model(weights: str | os.PathLike, info: ModelInfo, name: str = "model", **kwargs):
-    """Log the network at ``weights`` (MlTr's checkpoint format) as an MLflow pyfunc in the active run.
-
-    ``info`` goes both into an artifact the model loads and into the model's metadata, so a
-    registry client reads the classes, thresholds, input contract, variant and dataset fingerprint
-    without loading anything. Returns MLflow's ``ModelInfo``.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        info_file = Path(tmp) / MODEL_INFO_FILE
-        info_file.write_text(json.dumps(info.to_json(), indent=1))
-        example = pd.DataFrame({IMAGE_COLUMN: [example_image(int(info.input["image_size"]))]})
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=MlTrPyfunc(),
-            artifacts={"weights": os.fspath(weights), "model_info": str(info_file)},
-            signature=signature(),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-            metadata=info.to_json(),
-            **kwargs,
-        )

@@ -314,7 +314,8 @@ def log_final_model(
     Returns the figures and the model's URI.
     """
     from mltr.checkpoint import TrainState, load_model
-    from mltr.serving import ModelInfo, log_pyfunc_model
+    from mltr.pyfunc import log_pyfunc_model
+    from mltr.serving import ModelInfo
     from mltr.train import STATE_FILE, WEIGHT_FILES
 
     state = TrainState.load(checkpoint_dir / STATE_FILE)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,6 +64,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from mltr.errors import ConfigError
+from mltr.serving import TORCHVISION_PREFIX
 from pipeline.convert import ROW_GROUP_SIZE
 from pipeline.dataset import Manifest, RowFilter
 
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
 
 # Columns the map needs; image_id only names a bad image in the error (and is kept if asked).
 INPUT_COLUMNS = ["image_id", "image", "labels", "ignore"]
-_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
 # Rows per read+decode task: whole row groups of the converter (128 rows), ~0.2-0.4 s of decoding
 # on one core: long enough to hide a task's start-up, short enough to keep every CPU busy.
 ROWS_PER_TASK = ROW_GROUP_SIZE
@@ -204,7 +203,7 @@ def decode_images(data: list[bytes] | np.ndarray, image_ids: list[str] | np.ndar
             decode_jpeg(tensor, mode=ImageReadMode.RGB)
         except RuntimeError as exc:
             # torchvision prefixes "<function>, <source file>:<line>, " to libjpeg's message.
-            reason = _TORCHVISION_PREFIX.sub("", str(exc).strip())
+            reason = TORCHVISION_PREFIX.sub("", str(exc).strip())
             raise ImageDecodeError(
                 f"image {image_id!r}: cannot decode its stored JPEG ({len(tensor)} bytes): {reason}"
             ) from None

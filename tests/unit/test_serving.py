@@ -14,7 +14,8 @@ from PIL import Image
 
 from mltr import create_model, save_checkpoint, tracking
 from mltr.model import normalize
-from mltr.serving import ImageError, ModelInfo, Predictor, decode_image, log_pyfunc_model
+from mltr.pyfunc import log_pyfunc_model
+from mltr.serving import ImageError, ModelInfo, Predictor, decode_image
 from pipeline.ingest import IngestConfig, transform_batch
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,256 @@
+"""Labels and scores of images, from a registered model, a logged model or a checkpoint.
+
+    mltr predict --model models:/mltr-coco@champion cat.jpg photos/ 'shots/*.png' s3://bucket/incoming/
+    mltr predict --model models:/mltr-coco@champion photos/ --out predictions.jsonl
+    mltr predict --model models:/mltr-coco@champion --data s3://bucket/datasets/coco --split val \\
+                 --parquet-out s3://bucket/predictions/coco-val
+
+On files (images, folders, globs, ``s3://`` prefixes) it runs in this process: one JSON line per
+image (``path``, ``labels``, ``scores`` by class name), a progress bar on long inputs, and an
+unreadable image reported on stderr and skipped. With ``--data`` (a converted dataset's split) or
+``--parquet-out`` it runs as Ray Data batch inference: a pool of model actors
+(``map_batches`` with ``compute=ActorPoolStrategy``; one GPU each where the cluster has GPUs)
+fed by Ray Data's reads and decodes, writing Parquet. The last line is one JSON summary.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs._config import component, opt, parse_config
+from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, load_predictor
+from jobs._runtime import init_ray, run_job, setup_logging
+from mltr.errors import ConfigError
+from mltr.serving import Predictor
+
+log = logging.getLogger("jobs.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """What to predict, with which model, where the predictions go."""
+
+    model: str | None = opt(
+        None, "models:/NAME@alias, models:/NAME/N, runs:/ID/model, or a checkpoint folder"
+    )
+    inputs: tuple[str, ...] = opt((), "images, folders, globs or s3:// prefixes", positional=True)
+    out: str | None = opt(None, "write JSON lines here instead of stdout")
+    data: str | None = opt(None, "a converted dataset (Parquet): predict its --split with Ray Data")
+    split: str = opt("val", "the split of --data")
+    parquet_out: str | None = opt(
+        None, "write predictions as Parquet here (a folder or s3:// prefix), with Ray Data"
+    )
+    classes_from: str | None = opt(None, "a converted dataset whose classes a checkpoint folder predicts")
+    batch_size: int = opt(32, "images per forward pass (and per Ray Data batch)")
+    actors: int = opt(1, "Ray Data: model actors (each holds the model; one GPU each where there are GPUs)")
+    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
+    tracking: TrackingArgs = component(TrackingArgs)
+
+
+def expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
+    """Image paths and URIs: files as given, folders and ``s3://`` prefixes walked, globs expanded."""
+    for spec in inputs:
+        if "://" in spec and not spec.startswith("file://"):
+            import fsspec
+
+            fs, _, paths = fsspec.get_fs_token_paths(spec)
+            protocol = spec.split("://", 1)[0]
+            found = fs.glob(paths[0]) if globlib.has_magic(spec) else [paths[0]]
+            for path in found:
+                listed = fs.find(path) if fs.isdir(path) else [path]
+                yield from (
+                    f"{protocol}://{p}"
+                    for p in sorted(listed)
+                    if p.lower().endswith(IMAGE_SUFFIXES) or p == path
+                )
+            continue
+        spec = spec.removeprefix("file://")
+        matches = sorted(globlib.glob(spec, recursive=True)) if globlib.has_magic(spec) else [spec]
+        if not matches:
+            yield spec  # reported as missing, not silently dropped
+        for match in matches:
+            if Path(match).is_dir():
+                yield from (
+                    str(p)
+                    for p in sorted(Path(match).rglob("*"))
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                )
+            else:
+                yield match
+
+
+def _record(path: str, row: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
+    return {"path": path, "labels": row["labels"], "scores": dict(zip(classes, row["scores"], strict=True))}
+
+
+def predict_files(predictor: Predictor, paths: list[str], out, batch_size: int) -> dict:
+    """Score ``paths`` batch by batch; write a JSON line per good image to ``out``; report the others."""
+    from tqdm import tqdm
+
+    written, skipped = 0, []
+    classes = predictor.info.classes
+    bar = tqdm(
+        total=len(paths), unit="img", file=sys.stderr, disable=len(paths) <= batch_size, desc="predict"
+    )
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        for path, row in zip(chunk, predictor.predict_encoded((p, None, p) for p in chunk), strict=True):
+            if row["error"]:
+                skipped.append({"path": path, "error": row["error"]})
+                print(f"predict: skipped {row['error']}", file=sys.stderr, flush=True)
+                continue
+            out.write(json.dumps(_record(path, row, classes)) + "\n")
+            written += 1
+        out.flush()
+        bar.update(len(chunk))
+    bar.close()
+    return {"images": written, "skipped": skipped}
+
+
+class PredictActor:
+    """A Ray Data model actor: rows with ``image`` bytes (or ``path``) in, labels, scores and error out."""
+
+    def __init__(
+        self, model: str, tracking_uri: str | None, classes: tuple[str, ...] | None, batch_size: int
+    ):
+        from mlflow.tracking import MlflowClient
+
+        self.predictor = load_predictor(model, MlflowClient(tracking_uri), classes, batch_size)
+
+    def __call__(self, batch: dict) -> Any:
+        import pyarrow as pa
+
+        ids = batch.get("image_id", batch.get("path"))
+        data = batch.get("image")
+        paths = batch.get("path")
+        rows = self.predictor.predict_encoded(
+            (str(ids[i]), None if data is None else data[i], None if paths is None else str(paths[i]))
+            for i in range(len(ids))
+        )
+        id_column = "image_id" if "image_id" in batch else "path"
+        return pa.table(
+            {
+                id_column: [str(i) for i in ids],
+                "labels": pa.array([r["labels"] for r in rows], type=pa.list_(pa.string())),
+                "scores": pa.array([r["scores"] for r in rows], type=pa.list_(pa.float32())),
+                "error": pa.array([r["error"] for r in rows], type=pa.string()),
+            }
+        )
+
+
+def predict_ray(config: PredictConfig, classes: tuple[str, ...] | None, tracking_uri: str | None) -> dict:
+    import ray
+    import ray.data
+
+    from pipeline.dataset import load_manifest, read_split
+    from pipeline.storage import resolve as resolve_storage
+
+    init_ray(config.address, log_to_driver=False)
+    if config.data:
+        manifest = load_manifest(config.data)
+        source = read_split(manifest, config.split, columns=["image_id", "image"])
+        classes = classes or tuple(manifest.classes)
+    else:
+        paths = list(expand_inputs(config.inputs))
+        if not paths:
+            raise ConfigError("nothing to predict: give INPUTS or --data")
+        source = ray.data.from_items([{"path": p} for p in paths])
+    gpus = ray.cluster_resources().get("GPU", 0)
+    predictions = source.map_batches(
+        PredictActor,
+        fn_constructor_kwargs={
+            "model": config.model,
+            "tracking_uri": tracking_uri,
+            "classes": classes,
+            "batch_size": config.batch_size,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.actors)),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_gpus=1 if gpus >= 1 else 0,
+        num_cpus=0 if gpus >= 1 else 1,
+    )
+    summary: dict[str, Any] = {"model": config.model, "source": config.data or list(config.inputs)}
+    if config.parquet_out:
+        location = resolve_storage(config.parquet_out)
+        if location.exists() and location.list_files():
+            raise ConfigError(f"{config.parquet_out} already holds files: predictions go into a new folder")
+        predictions.write_parquet(
+            location.uri if location.scheme == "s3" else location.path, filesystem=location.fs
+        )
+        written = ray.data.read_parquet(
+            location.uri if location.scheme == "s3" else location.path, filesystem=location.fs
+        )
+        errors = written.filter(lambda row: row["error"] is not None).count()
+        summary.update({"parquet_out": config.parquet_out, "rows": written.count(), "errors": errors})
+        return summary
+    out = open(config.out, "w") if config.out else sys.stdout  # noqa: SIM115
+    written, skipped = 0, []
+    try:
+        for row in predictions.iter_rows():
+            ident = row.get("image_id") or row.get("path")
+            if row["error"]:
+                skipped.append({"path": ident, "error": row["error"]})
+                print(f"predict: skipped {row['error']}", file=sys.stderr, flush=True)
+                continue
+            rec = {"path": ident, "labels": list(row["labels"]), "scores": list(map(float, row["scores"]))}
+            rec["scores"] = dict(zip(classes or range(len(rec["scores"])), rec["scores"], strict=True))
+            out.write(json.dumps(rec) + "\n")
+            written += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    summary.update({"images": written, "skipped": skipped, "out": config.out})
+    return summary
+
+
+def run(config: PredictConfig) -> dict:
+    if not config.model:
+        raise ConfigError("--model is required")
+    if not config.inputs and not config.data:
+        raise ConfigError(
+            "nothing to predict: give INPUTS (images, folders, globs, s3:// prefixes) or --data"
+        )
+    client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
+    classes = None
+    if not config.model.startswith(MODEL_URI_SCHEMES):
+        from pipeline.dataset import load_manifest
+
+        source = config.classes_from or config.data
+        if not source:
+            raise ConfigError(
+                f"{config.model}: a checkpoint folder needs --classes-from DATASET for its classes"
+            )
+        classes = tuple(load_manifest(source).classes)
+    tracking_uri = client.tracking_uri if client else None
+    if config.data or config.parquet_out:
+        return predict_ray(config, classes, tracking_uri)
+    predictor = load_predictor(config.model, client, classes, config.batch_size)
+    paths = list(expand_inputs(config.inputs))
+    out = open(config.out, "w") if config.out else sys.stdout  # noqa: SIM115
+    try:
+        summary = predict_files(predictor, paths, out, config.batch_size)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    log.info("predicted %d images, skipped %d", summary["images"], len(summary["skipped"]))
+    return {"model": config.model, "out": config.out, **summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(PredictConfig, argv, prog="mltr predict", job="predict")
+    return run_job("predict", lambda: run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
