@@ -426,6 +426,12 @@ class WindowAttention(nn.Module):
         out = out.transpose(1, 2)  # B*nW, N, nH, hd
         if self.cross is not None and summaries is not None:
             out = out + self.cross(x, summaries)  # B*nW, N, nH, hd
+        if torch.compiler.is_exporting():
+            # The fused attention kernels traced by torch.export return (B*nW, N, nH, hd) in memory, so
+            # the reshape below is traced as a view; ONNX export decomposes attention into matmuls whose
+            # output is (B*nW, nH, N, hd) in memory, and that view fails. An explicit contiguous copy
+            # holds for both (eager needs none: reshape copies only when it must).
+            out = out.clone(memory_format=torch.contiguous_format)
         return self.proj(out.reshape(B_, N, C))  # B*nW, N, C
 
 

@@ -1,0 +1,172 @@
+"""Export a model's network to ONNX, checked against PyTorch on real decoded images.
+
+    mltr export --model models:/mltr-coco@champion --format onnx --out mltr-coco.onnx --data ./datasets/coco
+    mltr export --model runs:/0123.../model --out model.onnx photo1.jpg photo2.png
+
+The ONNX graph is the network: input ``images`` float32 (batch, 3, S, S) preprocessed by the
+model's input contract (decode to RGB, resize, ``(x / 255 - mean) / std``), output ``logits``
+(batch, classes), batch size dynamic. It is exported with torch's dynamo exporter, then run with
+onnxruntime on real images (``--data``'s split, or the images given) beside PyTorch: the largest
+absolute difference of the logits is printed and must be at most ``--atol``. The classes,
+thresholds and input contract go into the ONNX metadata and into ``<out>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jobs._config import component, opt, parse_config
+from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, load_predictor
+from jobs._runtime import run_job, setup_logging
+from mltr.errors import ConfigError, MltrError
+from mltr.serving import ImageError, decode_image, read_image_bytes
+
+log = logging.getLogger("jobs.export")
+
+
+class ExportMismatch(MltrError):
+    """The exported graph does not compute what the PyTorch network computes."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which model, to which format and file, checked on which images."""
+
+    model: str | None = opt(
+        None, "models:/NAME@alias, models:/NAME/N, runs:/ID/model, or a checkpoint folder"
+    )
+    format: str = opt("onnx", "export format (onnx)")
+    out: str | None = opt(None, "the file to write")
+    data: str | None = opt(None, "a converted dataset: check on images of its --split (and its classes)")
+    split: str = opt("val", "the split of --data to check on")
+    images: tuple[str, ...] = opt((), "image files to check on (instead of --data)", positional=True)
+    check_images: int = opt(16, "at most this many images in the check")
+    atol: float = opt(1e-4, "the largest absolute difference of the logits accepted")
+    opset: int | None = opt(None, "ONNX opset (default: the exporter's)")
+    tracking: TrackingArgs = component(TrackingArgs)
+
+
+def check_images(config: ExportConfig) -> list:
+    """Decoded RGB uint8 images to check the export on: ``--data``'s split, or the files given."""
+    images = []
+    if config.data:
+        from pipeline.dataset import load_manifest
+
+        manifest = load_manifest(config.data)
+        for batch in manifest.iter_batches(config.split, ["image_id", "image"], config.check_images):
+            rows = batch.to_pydict()
+            images = [decode_image(d, str(i)) for i, d in zip(rows["image_id"], rows["image"], strict=True)]
+            break
+    for path in config.images[: config.check_images]:
+        try:
+            images.append(decode_image(read_image_bytes(path), path))
+        except ImageError as exc:
+            print(f"export: skipped {exc}", file=sys.stderr)
+    if len(images) < 2:
+        raise ConfigError(
+            "the export is checked on real images: give --data DATASET or at least two image files"
+        )
+    return images
+
+
+def export_onnx(network, example, out: Path, opset: int | None = None) -> float:
+    """Export ``network`` with a dynamic batch dimension; returns the seconds it took."""
+    import torch
+
+    started = time.perf_counter()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    kwargs = {"opset_version": opset} if opset else {}
+    torch.onnx.export(
+        network,
+        (example,),
+        str(out),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+        **kwargs,
+    )
+    return time.perf_counter() - started
+
+
+def run(config: ExportConfig) -> dict:
+    if config.format != "onnx":
+        raise ConfigError(f"--format {config.format!r}: only onnx is supported")
+    if not config.model or not config.out:
+        raise ConfigError("--model and --out are required")
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError(f"ONNX export needs the export extra: pip install 'mltr[export]' ({exc})") from None
+    import torch
+
+    classes = None
+    if not config.model.startswith(MODEL_URI_SCHEMES):
+        if not config.data:
+            raise ConfigError(f"{config.model}: a checkpoint folder needs --data for its classes")
+        from pipeline.dataset import load_manifest
+
+        classes = tuple(load_manifest(config.data).classes)
+    client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
+    predictor = load_predictor(config.model, client, classes)
+    predictor.model.to("cpu")
+    predictor.device = torch.device("cpu")
+    images = check_images(config)
+    inputs = predictor.preprocess(images)  # float32 (N, 3, S, S): the input contract
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds = export_onnx(predictor.model.eval(), inputs[:2], out, config.opset)
+
+    info = predictor.info.to_json()
+    model_proto = onnx.load(str(out))
+    for key, value in (("mltr.model_info", json.dumps(info)), ("mltr.source", config.model)):
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model_proto, str(out))
+    Path(f"{out}.json").write_text(json.dumps(info, indent=1))
+
+    # The check: all the images in one batch (not the traced batch size), PyTorch vs onnxruntime.
+    with torch.no_grad():
+        expected = predictor.model(inputs).numpy()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": inputs.numpy()})[0]
+    diff = float(np.abs(got - expected).max())
+    print(
+        f"exported {config.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s); "
+        f"onnxruntime vs PyTorch on {len(images)} images: max abs difference of the logits {diff:.2e}",
+        flush=True,
+    )
+    if not diff <= config.atol:
+        raise ExportMismatch(
+            f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.3g} > --atol {config.atol:g}"
+        )
+    return {
+        "model": config.model,
+        "out": str(out),
+        "format": "onnx",
+        "check_images": len(images),
+        "max_abs_diff": diff,
+        "atol": config.atol,
+        "export_s": round(seconds, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    for noisy in ("onnx_ir", "onnxscript"):  # a line per graph pass otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = parse_config(ExportConfig, argv, prog="mltr export", job="export")
+    return run_job("export", lambda: run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
