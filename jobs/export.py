@@ -62,8 +62,10 @@ def check_images(config: ExportConfig) -> list:
         manifest = load_manifest(config.data)
         for batch in manifest.iter_batches(config.split, ["image_id", "image"], config.check_images):
             rows = batch.to_pydict()
-            images = [decode_image(d, str(i)) for i, d in zip(rows["image_id"], rows["image"], strict=True)]
-            break
+            images += [decode_image(d, str(i)) for i, d in zip(rows["image_id"], rows["image"], strict=True)]
+            if len(images) >= config.check_images:
+                break
+        images = images[: config.check_images]
     for path in config.images[: config.check_images]:
         try:
             images.append(decode_image(read_image_bytes(path), path))

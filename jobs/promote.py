@@ -31,7 +31,12 @@ from pipeline.dataset import load_manifest
 
 log = logging.getLogger("jobs.promote")
 
-DECISION_TAG = "mltr.promotion.decision"  # promoted | refused | forced | first-champion | rolled-back
+# Tags of a decision: on the candidate under PROMOTION (its decision: promoted, refused, forced,
+# first-champion, restored, rolled-back), on the champion it was judged against under CHALLENGE
+# (the same figures, from the defender's side). A champion's own decision tag is never
+# overwritten by a challenge it survived.
+PROMOTION, CHALLENGE = "mltr.promotion.", "mltr.challenge."
+DECISION_TAG = PROMOTION + "decision"
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,9 @@ class PromoteConfig:
     tracking: TrackingArgs = component(TrackingArgs)
 
 
-def _tag_both(client: MlflowClient, name: str, versions: dict[str, str], tags: dict[str, str]) -> None:
-    for role, version in versions.items():
-        for key, value in {**tags, "mltr.promotion.role": role}.items():
-            client.set_model_version_tag(name, version, key, value)
+def _record(client: MlflowClient, name: str, version: str, prefix: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, prefix + key, value)
 
 
 def rollback(client: MlflowClient, config: PromoteConfig, lease: registry.PromotionLease) -> dict:
@@ -70,11 +74,10 @@ def rollback(client: MlflowClient, config: PromoteConfig, lease: registry.Promot
         client, config.name, {registry.CHAMPION: previous, registry.PREVIOUS: champion}
     )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _tag_both(
-        client,
-        config.name,
-        {"restored": previous, "rolled-back": champion},
-        {DECISION_TAG: "rolled-back", "mltr.promotion.at": stamp, "mltr.promotion.lease": lease.holder["id"]},
+    base = {"at": stamp, "lease": lease.holder["id"]}
+    _record(client, config.name, previous, PROMOTION, {**base, "decision": "restored", "champion": champion})
+    _record(
+        client, config.name, champion, PROMOTION, {**base, "decision": "rolled-back", "champion": previous}
     )
     return {
         "name": config.name,
@@ -93,13 +96,13 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
     current = registry.aliases(client, name)
     champion = current.get(registry.CHAMPION)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    base = {"mltr.promotion.at": stamp, "mltr.promotion.lease": lease.holder["id"]}
+    base = {"at": stamp, "lease": lease.holder["id"]}
     cand = str(candidate.version)
     if champion == cand:
         raise registry.RegistryError(f"{name!r} version {cand} is already the champion")
     if champion is None:
         after = registry.move_aliases(client, name, {registry.CHAMPION: cand})
-        _tag_both(client, name, {"candidate": cand}, {**base, DECISION_TAG: "first-champion"})
+        _record(client, name, cand, PROMOTION, {**base, "decision": "first-champion"})
         return {"name": name, "decision": "first-champion", "champion": cand, "aliases": after}
 
     manifest = load_manifest(config.data)
@@ -117,21 +120,22 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
     decision = "promoted" if wins else ("forced" if config.force else "refused")
     tags = {
         **base,
-        DECISION_TAG: decision,
-        "mltr.promotion.candidate": cand,
-        "mltr.promotion.champion": champion,
-        "mltr.promotion.candidate_mAP": f"{comparison.candidate_mAP:.6f}",
-        "mltr.promotion.champion_mAP": f"{comparison.champion_mAP:.6f}",
-        "mltr.promotion.gain": f"{comparison.gain:.6f}",
-        "mltr.promotion.gain_ci95": f"[{comparison.low:.6f}, {comparison.high:.6f}]",
-        "mltr.promotion.min_gain": f"{config.min_gain:g}",
-        "mltr.promotion.data": f"{manifest.uri}#{config.split}",
-        "mltr.promotion.dataset_fingerprint": manifest.fingerprint,
-        "mltr.promotion.images": str(comparison.images),
+        "decision": decision,
+        "candidate": cand,
+        "champion": champion,
+        "candidate_mAP": f"{comparison.candidate_mAP:.6f}",
+        "champion_mAP": f"{comparison.champion_mAP:.6f}",
+        "gain": f"{comparison.gain:.6f}",
+        "gain_ci95": f"[{comparison.low:.6f}, {comparison.high:.6f}]",
+        "min_gain": f"{config.min_gain:g}",
+        "data": f"{manifest.uri}#{config.split}",
+        "dataset_fingerprint": manifest.fingerprint,
+        "images": str(comparison.images),
     }
     # The decision is recorded before any alias moves: an alias never points at a version whose
     # recorded decision lost (a crash in between leaves the old champion in place).
-    _tag_both(client, name, {"candidate": cand, "champion": champion}, tags)
+    _record(client, name, cand, PROMOTION, tags)
+    _record(client, name, champion, CHALLENGE, tags)
     after = current
     if decision != "refused":
         moves = {registry.CHAMPION: cand, registry.PREVIOUS: champion}

@@ -204,3 +204,35 @@ def mlflow_server(s3_server, postgres_db, tmp_path_factory):
     proc.terminate()
     proc.wait(timeout=20)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_sweep(ray_local, s3_server, mlflow_server, tmp_path_factory) -> dict:
+    """`mltr tune` of a 2 x 2 grid (window 2, 4 x loss bce, asl; 1 epoch) on a dataset in the S3-API
+    server, trials' checkpoints in S3, tracked by the real mlflow server. Trials are expensive: the
+    sweep tests and the registry tests (whose "real run" is its best trial) share one sweep."""
+    import json
+
+    import s3fs
+
+    from pipeline.convert import convert
+    from pipeline.readers import read_index
+    from pipeline.synthetic import DEMO_CLASSES
+
+    tmp = tmp_path_factory.mktemp("s3-sweep")
+    bucket = f"sweep-{time.time_ns()}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir(bucket)
+    generate("coco", tmp / "src", 240, seed=3, faults=True, classes=DEMO_CLASSES)
+    convert(read_index("coco", str(tmp / "src")), f"s3://{bucket}/datasets", rows_per_shard=64)
+    data = f"s3://{bucket}/datasets/coco"
+    command = [
+        sys.executable, "-m", "jobs.tune", "--config", "tiny", "--data", data,
+        "--window-sizes", "2,4", "--losses", "bce,asl", "--lrs", "5e-4", "--epochs", "1", "--scheduler", "fifo",
+        "--storage", f"s3://{bucket}/sweeps", "--name", "grid",
+        "--mlflow-uri", mlflow_server["uri"], "--experiment", "sweeps", "--workdir", str(tmp / "work"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the S3 settings included
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    summary = json.loads(last) if proc.returncode == 0 and last.startswith("{") else None
+    return {"proc": proc, "summary": summary, "bucket": bucket, "data": data, "src": str(tmp / "src")}

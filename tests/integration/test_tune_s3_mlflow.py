@@ -8,9 +8,6 @@ S3, tracked by a server whose artifacts are in S3 (one sweep serves both: trials
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,26 +16,14 @@ from mlflow.tracking import MlflowClient
 
 from mltr.tracking import EPOCH_KEY, tracking_uri
 from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC
-from pipeline.convert import convert
-from pipeline.readers import read_index
-from pipeline.synthetic import DEMO_CLASSES, generate
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_trial(
-    ray_local, s3_bucket, s3_server, mlflow_server, tmp_path
+    s3_sweep, s3_server, mlflow_server, tmp_path
 ):
-    generate("coco", tmp_path / "src", 240, seed=3, faults=True, classes=DEMO_CLASSES)
-    convert(read_index("coco", str(tmp_path / "src")), f"s3://{s3_bucket}/datasets", rows_per_shard=64)
-    command = [
-        sys.executable, "-m", "jobs.tune", "--config", "tiny", "--data", f"s3://{s3_bucket}/datasets/coco",
-        "--window-sizes", "2,4", "--losses", "bce,asl", "--lrs", "5e-4", "--epochs", "1", "--scheduler", "fifo",
-        "--storage", f"s3://{s3_bucket}/sweeps", "--name", "grid",
-        "--mlflow-uri", mlflow_server["uri"], "--experiment", "sweeps", "--workdir", str(tmp_path / "work"),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the S3 settings included
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    proc, s3_bucket = s3_sweep["proc"], s3_sweep["bucket"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("{"), proc.stdout[-3000:]  # the last line is the result, as JSON
@@ -97,5 +82,5 @@ def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_t
 
     with tracking_uri(mlflow_server["uri"]):
         model = mlflow.pyfunc.load_model(summary["best"]["model_uri"])
-    image = next((tmp_path / "src").rglob("*.jpg")).read_bytes()
+    image = next(Path(s3_sweep["src"]).rglob("*.jpg")).read_bytes()
     assert len(model.predict(pd.DataFrame({"image": [image]})).loc[0, "scores"]) == 80
