@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jobs._config import component, opt, parse_config
 from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, load_predictor
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
-from mltr.serving import Predictor
+from mltr.serving import Predictor, decode_rows
 
 log = logging.getLogger("jobs.predict")
 
@@ -116,8 +118,26 @@ def predict_files(predictor: Predictor, paths: list[str], out, batch_size: int) 
     return {"images": written, "skipped": skipped}
 
 
+def decode_batch(batch: dict, contract: dict[str, Any]) -> dict:
+    """Ray Data task: ``image`` bytes (or ``path``) -> ``pixels`` uint8 (B, 3, S, S) and ``error`` per row."""
+    ids = batch["image_id"] if "image_id" in batch else batch["path"]
+    data, paths = batch.get("image"), batch.get("path")
+    pixels, errors = decode_rows(
+        (
+            (str(ids[i]), None if data is None else data[i], None if paths is None else str(paths[i]))
+            for i in range(len(ids))
+        ),
+        contract,
+    )
+    return {
+        "id": np.asarray([str(i) for i in ids], dtype=object),
+        "pixels": pixels,
+        "error": np.asarray(["" if e is None else e for e in errors], dtype=object),
+    }
+
+
 class PredictActor:
-    """A Ray Data model actor: rows with ``image`` bytes (or ``path``) in, labels, scores and error out."""
+    """Ray Data model actor: decoded ``pixels`` in; ``labels``, ``scores`` and ``error`` out."""
 
     def __init__(
         self, model: str, tracking_uri: str | None, classes: tuple[str, ...] | None, batch_size: int
@@ -129,17 +149,11 @@ class PredictActor:
     def __call__(self, batch: dict) -> Any:
         import pyarrow as pa
 
-        ids = batch.get("image_id", batch.get("path"))
-        data = batch.get("image")
-        paths = batch.get("path")
-        rows = self.predictor.predict_encoded(
-            (str(ids[i]), None if data is None else data[i], None if paths is None else str(paths[i]))
-            for i in range(len(ids))
-        )
-        id_column = "image_id" if "image_id" in batch else "path"
+        errors = [str(e) if e else None for e in batch["error"]]
+        rows = self.predictor.predict_pixels(batch["pixels"], errors)
         return pa.table(
             {
-                id_column: [str(i) for i in ids],
+                "id": [str(i) for i in batch["id"]],
                 "labels": pa.array([r["labels"] for r in rows], type=pa.list_(pa.string())),
                 "scores": pa.array([r["scores"] for r in rows], type=pa.list_(pa.float32())),
                 "error": pa.array([r["error"] for r in rows], type=pa.string()),
@@ -147,7 +161,36 @@ class PredictActor:
         )
 
 
-def predict_ray(config: PredictConfig, classes: tuple[str, ...] | None, tracking_uri: str | None) -> dict:
+def batch_inference(
+    source, model: str, info, tracking_uri: str | None, classes, batch_size: int, actors: int
+):
+    """``source`` rows (``image_id`` + ``image``, or ``path``) -> predictions: decode in Ray tasks,
+    the network in a pool of actors (one GPU each where the cluster has GPUs)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    decoded = source.map_batches(
+        decode_batch, fn_kwargs={"contract": info.input}, batch_size=batch_size, batch_format="numpy"
+    )
+    return decoded.map_batches(
+        PredictActor,
+        fn_constructor_kwargs={
+            "model": model,
+            "tracking_uri": tracking_uri,
+            "classes": classes,
+            "batch_size": batch_size,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=1 if gpus >= 1 else 0,
+        num_cpus=0 if gpus >= 1 else 1,
+    )
+
+
+def predict_ray(
+    config: PredictConfig, info, classes: tuple[str, ...] | None, tracking_uri: str | None
+) -> dict:
     import ray
     import ray.data
 
@@ -164,20 +207,8 @@ def predict_ray(config: PredictConfig, classes: tuple[str, ...] | None, tracking
         if not paths:
             raise ConfigError("nothing to predict: give INPUTS or --data")
         source = ray.data.from_items([{"path": p} for p in paths])
-    gpus = ray.cluster_resources().get("GPU", 0)
-    predictions = source.map_batches(
-        PredictActor,
-        fn_constructor_kwargs={
-            "model": config.model,
-            "tracking_uri": tracking_uri,
-            "classes": classes,
-            "batch_size": config.batch_size,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.actors)),
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        num_gpus=1 if gpus >= 1 else 0,
-        num_cpus=0 if gpus >= 1 else 1,
+    predictions = batch_inference(
+        source, config.model, info, tracking_uri, classes, config.batch_size, config.actors
     )
     summary: dict[str, Any] = {"model": config.model, "source": config.data or list(config.inputs)}
     if config.parquet_out:
@@ -197,7 +228,7 @@ def predict_ray(config: PredictConfig, classes: tuple[str, ...] | None, tracking
     written, skipped = 0, []
     try:
         for row in predictions.iter_rows():
-            ident = row.get("image_id") or row.get("path")
+            ident = row["id"]
             if row["error"]:
                 skipped.append({"path": ident, "error": row["error"]})
                 print(f"predict: skipped {row['error']}", file=sys.stderr, flush=True)
@@ -232,9 +263,9 @@ def run(config: PredictConfig) -> dict:
             )
         classes = tuple(load_manifest(source).classes)
     tracking_uri = client.tracking_uri if client else None
-    if config.data or config.parquet_out:
-        return predict_ray(config, classes, tracking_uri)
     predictor = load_predictor(config.model, client, classes, config.batch_size)
+    if config.data or config.parquet_out:
+        return predict_ray(config, predictor.info, classes, tracking_uri)
     paths = list(expand_inputs(config.inputs))
     out = open(config.out, "w") if config.out else sys.stdout  # noqa: SIM115
     try:

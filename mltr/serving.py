@@ -141,6 +141,31 @@ def resize_image(image: torch.Tensor, contract: dict[str, Any]) -> torch.Tensor:
     return F.resize(image, [size, size], antialias=True)
 
 
+def decode_rows(
+    items: Iterable[tuple[str, bytes | str | None, str | None]], contract: dict[str, Any]
+) -> tuple[np.ndarray, list[str | None]]:
+    """``(name, data, path)`` rows -> uint8 pixels (N, 3, S, S) resized by ``contract``, and each
+    row's error (None when it decoded; its pixels are then zeros).
+
+    ``data`` (bytes or base64 text) wins; else the image is read from ``path``.
+    """
+    size = int(contract["image_size"])
+    pixels: list[np.ndarray] = []
+    errors: list[str | None] = []
+    for name, data, path in items:
+        try:
+            if data is None or (isinstance(data, float) and np.isnan(data)):
+                if not path:
+                    raise ImageError(f"{name}: neither image bytes nor a path")
+                data = read_image_bytes(path)
+            pixels.append(resize_image(decode_image(data, name), contract).numpy())
+            errors.append(None)
+        except ImageError as exc:
+            pixels.append(np.zeros((3, size, size), dtype=np.uint8))
+            errors.append(str(exc))
+    return (np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)), errors
+
+
 class Predictor:
     """A network with its :class:`ModelInfo`: encoded images in, scores and labels out, in batches."""
 
@@ -194,6 +219,31 @@ class Predictor:
         """The classes at or above their calibrated thresholds, per row."""
         return [[self.info.classes[i] for i in np.flatnonzero(row >= self.thresholds)] for row in scores]
 
+    def decode(
+        self, items: Iterable[tuple[str, bytes | str | None, str | None]]
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """:func:`decode_rows` by this model's input contract."""
+        return decode_rows(items, self.info.input)
+
+    @torch.no_grad()
+    def predict_pixels(
+        self, pixels: np.ndarray, errors: Sequence[str | None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Resized uint8 pixels (N, 3, S, S) -> ``{"labels", "scores", "error"}`` per row; rows with
+        an error are not run through the network."""
+        errors = list(errors) if errors is not None else [None] * len(pixels)
+        good = [i for i, error in enumerate(errors) if error is None]
+        rows: list[dict[str, Any]] = [{"labels": [], "scores": [], "error": error} for error in errors]
+        contract = self.info.input
+        for start in range(0, len(good), self.batch_size):
+            index = good[start : start + self.batch_size]
+            batch = torch.from_numpy(np.ascontiguousarray(pixels[index])).to(self.device)
+            logits = self.model(normalize(batch, tuple(contract["mean"]), tuple(contract["std"])))
+            scores = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+            for i, row_scores, row_labels in zip(index, scores, self.labels(scores), strict=True):
+                rows[i] = {"labels": row_labels, "scores": [float(v) for v in row_scores], "error": None}
+        return rows
+
     def predict_encoded(
         self, items: Iterable[tuple[str, bytes | str | None, str | None]]
     ) -> list[dict[str, Any]]:
@@ -202,22 +252,4 @@ class Predictor:
         ``data`` (bytes or base64 text) wins; else the image is read from ``path``. A row that
         cannot be read or decoded gets its ``error`` and no labels; the others are scored.
         """
-        rows: list[dict[str, Any]] = []
-        decoded: list[torch.Tensor] = []
-        where: list[int] = []
-        for name, data, path in items:
-            try:
-                if data is None or (isinstance(data, float) and np.isnan(data)):
-                    if not path:
-                        raise ImageError(f"{name}: neither image bytes nor a path")
-                    data = read_image_bytes(path)
-                decoded.append(decode_image(data, name))
-                where.append(len(rows))
-                rows.append({"labels": [], "scores": [], "error": None})
-            except ImageError as exc:
-                rows.append({"labels": [], "scores": [], "error": str(exc)})
-        if decoded:
-            scores = self.scores(decoded)
-            for i, row_scores, row_labels in zip(where, scores, self.labels(scores), strict=True):
-                rows[i] = {"labels": row_labels, "scores": [float(s) for s in row_scores], "error": None}
-        return rows
+        return self.predict_pixels(*self.decode(items))

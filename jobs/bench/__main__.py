@@ -14,6 +14,7 @@ BENCHES = {
     "train-gpu": "jobs.bench.train_gpu",
     "tiny-recipe": "jobs.bench.tiny_recipe",
     "tune": "jobs.bench.tune",
+    "predict": "jobs.bench.predict",
 }
 
 
