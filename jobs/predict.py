@@ -140,10 +140,19 @@ class PredictActor:
     """Ray Data model actor: decoded ``pixels`` in; ``labels``, ``scores`` and ``error`` out."""
 
     def __init__(
-        self, model: str, tracking_uri: str | None, classes: tuple[str, ...] | None, batch_size: int
+        self,
+        model: str,
+        tracking_uri: str | None,
+        classes: tuple[str, ...] | None,
+        batch_size: int,
+        torch_threads: int | None = None,
     ):
         from mlflow.tracking import MlflowClient
 
+        if torch_threads:  # Ray gives an actor one thread per CPU it reserves; decode tasks share the cores
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.predictor = load_predictor(model, MlflowClient(tracking_uri), classes, batch_size)
 
     def __call__(self, batch: dict) -> Any:
@@ -162,15 +171,29 @@ class PredictActor:
 
 
 def batch_inference(
-    source, model: str, info, tracking_uri: str | None, classes, batch_size: int, actors: int
+    source,
+    model: str,
+    info,
+    tracking_uri: str | None,
+    classes,
+    batch_size: int,
+    actors: int,
+    torch_threads: int | None = None,
 ):
     """``source`` rows (``image_id`` + ``image``, or ``path``) -> predictions: decode in Ray tasks,
     the network in a pool of actors (one GPU each where the cluster has GPUs)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
+    # Decode tasks ask for half a CPU: two share a core (decoding waits on reads), and remote args
+    # unlike the actors' keep Ray Data from fusing the decode into the actors, where it would run
+    # in turn with the network instead of beside it.
     decoded = source.map_batches(
-        decode_batch, fn_kwargs={"contract": info.input}, batch_size=batch_size, batch_format="numpy"
+        decode_batch,
+        fn_kwargs={"contract": info.input},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=0.5,
     )
     return decoded.map_batches(
         PredictActor,
@@ -179,6 +202,7 @@ def batch_inference(
             "tracking_uri": tracking_uri,
             "classes": classes,
             "batch_size": batch_size,
+            "torch_threads": torch_threads,
         },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
         batch_size=batch_size,
