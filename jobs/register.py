@@ -42,7 +42,10 @@ def run(config: RegisterConfig) -> dict:
         raise ConfigError(f"no run {config.run_id} in {client.tracking_uri}") from None
     name = config.name
     if name is None:
-        dataset = run.data.tags.get("mltr.dataset_uri", "").rstrip("/").rsplit("/", 1)[-1]
+        dataset = (
+            run.data.tags.get("mltr.dataset")
+            or run.data.tags.get("mltr.dataset_uri", "").rstrip("/").rsplit("/", 1)[-1]
+        )
         if not dataset:
             raise ConfigError(f"run {config.run_id} names no dataset (tag mltr.dataset_uri): pass --name")
         name = registry.default_name(dataset)

@@ -258,10 +258,12 @@ def start(
         "calib_rows": resolved.calib.calib_rows,
         "train_rows": resolved.calib.fit_rows,
     }
+    commit = source_commit()
     tags = {
         "mltr.dataset": manifest.name,
         "mltr.dataset_uri": config.data.uri,
         "mltr.model": config.model.variant,
+        **({"mlflow.source.git.commit": commit} if commit else {}),
         **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
         **(tags or {}),
     }
@@ -288,6 +290,23 @@ def start(
         init_from=config.model.init_from,
     )
     return run, client
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout this code runs from, when it is one (a job's packed working
+    directory is not: then the run has no commit and its registered version says none)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> dict:

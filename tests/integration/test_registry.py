@@ -77,6 +77,8 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
         assert out["name"] == "mltr-coco" and out["aliases"]["challenger"] == str(out["version"])
         assert out["tags"]["dataset"] == data and out["tags"]["variant"] == "mltr_tiny"
         assert {"dataset_fingerprint", "window_size", "loss", "calib_mAP", "val_mAP"} <= set(out["tags"])
+        if label == "weak":  # trained in this process, from this checkout: the commit is known
+            assert len(out["tags"]["git_commit"]) == 40
         versions[label] = str(out["version"])
     name = "mltr-coco"
     client = MlflowClient(uri)
