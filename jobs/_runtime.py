@@ -72,12 +72,18 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     ray.init(address=address, **kwargs)
 
 
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def run_job(name: str, body: Callable[[], dict | None]) -> int:
-    """Run a job body: print its result as one JSON line.
+    """Run a job body: print its result as one JSON line, the last line of the output.
 
     A :class:`~mltr.errors.MltrError` (bad flags or input) exits 2 with one line; Ctrl-C exits 130
     with one line; any other exception is a bug and keeps its traceback (exit 1).
     """
+    ray_before = _ray_initialized()
     try:
         result = body()
     except MltrError as exc:
@@ -86,6 +92,10 @@ def run_job(name: str, body: Callable[[], dict | None]) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    # Ray prints its workers' deduplicated log lines ("[repeated 3x across cluster]") when it
+    # disconnects: a job that connected disconnects first, so the result stays the last line.
+    if not ray_before and _ray_initialized():
+        sys.modules["ray"].shutdown()
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0

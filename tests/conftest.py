@@ -209,8 +209,9 @@ def mlflow_server(s3_server, postgres_db, tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_sweep(ray_local, s3_server, mlflow_server, tmp_path_factory) -> dict:
     """`mltr tune` of a 2 x 2 grid (window 2, 4 x loss bce, asl; 1 epoch) on a dataset in the S3-API
-    server, trials' checkpoints in S3, tracked by the real mlflow server. Trials are expensive: the
-    sweep tests and the registry tests (whose "real run" is its best trial) share one sweep."""
+    server, trials' checkpoints in S3, tracked by the real mlflow server: two trials at a time (one
+    Train worker each), so two write to the PostgreSQL-backed server at once. Trials are expensive:
+    the sweep tests and the registry tests (whose "real run" is its best trial) share one sweep."""
     import json
 
     import s3fs
@@ -228,6 +229,7 @@ def s3_sweep(ray_local, s3_server, mlflow_server, tmp_path_factory) -> dict:
     command = [
         sys.executable, "-m", "jobs.tune", "--config", "tiny", "--data", data,
         "--window-sizes", "2,4", "--losses", "bce,asl", "--lrs", "5e-4", "--epochs", "1", "--scheduler", "fifo",
+        "--workers-per-trial", "1", "--decode-actors", "1", "--max-concurrent-trials", "2",
         "--storage", f"s3://{bucket}/sweeps", "--name", "grid",
         "--mlflow-uri", mlflow_server["uri"], "--experiment", "sweeps", "--workdir", str(tmp / "work"),
     ]  # fmt: skip

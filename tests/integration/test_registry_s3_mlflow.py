@@ -125,7 +125,9 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
     assert won["candidate_mAP"] == pytest.approx(max(figures.values()), abs=1e-6)
     assert won["champion_mAP"] == pytest.approx(min(figures.values()), abs=1e-6)
     now = aliases(client, name)
-    assert now["champion"] == better and now["previous-champion"] == worse and "challenger" not in now
+    assert now["champion"] == better and now["previous-champion"] == worse
+    # The challenger (the last registered, the real run) is consumed only when it is what won.
+    assert now.get("challenger") == (None if better == versions["real"] else versions["real"])
     # The decision, both scores and the interval on both versions: the candidate's side and the
     # side of the champion it was judged against.
     for version, side in ((better, "mltr.promotion."), (worse, "mltr.challenge.")):

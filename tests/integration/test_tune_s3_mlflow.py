@@ -63,7 +63,8 @@ def test_a_sweep_of_window_sizes_and_losses_is_one_parent_run_with_a_child_per_t
 
     # The results table, the plot and the best config sit on the parent, the trials' evaluation
     # artifacts on each child: all through the server into the S3-API store.
-    stored = fs.find(f"{mlflow_server['bucket']}/artifacts")
+    # (The server is the session's: only this sweep's experiment counts.)
+    stored = fs.find(f"{mlflow_server['bucket']}/artifacts/{parent.info.experiment_id}")
     names = {p.rsplit("/", 1)[-1] for p in stored if "/sweep/" in p}
     assert names >= {"results.csv", "results.md", "map_by_window_and_loss.png", "best.json"}
     assert sum(p.endswith("evaluation/per_class_ap.csv") for p in stored) == 4
