@@ -195,12 +195,18 @@ class PromotionLease:
                     log.warning("taking over the stale promotion lease of %s: %s", self.name, current)
                 now = time.time()
                 mine = {**me, "since": now, "expires": now + self.ttl_s}
-                self.client.set_registered_model_tag(self.name, LEASE_TAG, json.dumps(mine))
-                time.sleep(self.settle_s)
-                current = self.read()
-                if current is not None and current.get("id") == me["id"]:
-                    self.holder = mine
-                    return self
+                try:
+                    self.client.set_registered_model_tag(self.name, LEASE_TAG, json.dumps(mine))
+                except MlflowException as exc:
+                    # The SQL store inserts a new tag: of two takers writing it at once, one gets a
+                    # unique-constraint error. That one lost the race; it reads again and waits.
+                    log.debug("lease write of %s lost a race: %s", self.name, exc.message)
+                else:
+                    time.sleep(self.settle_s)
+                    current = self.read()
+                    if current is not None and current.get("id") == me["id"]:
+                        self.holder = mine
+                        return self
             if time.monotonic() > deadline:
                 raise LeaseBusy(
                     f"another promotion of {self.name!r} holds its lease ({current}); "

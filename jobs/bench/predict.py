@@ -1,4 +1,4 @@
-"""Batch inference: Ray Data (decode in tasks, the network in an actor) vs a plain PyTorch loop.
+"""Batch inference: Ray Data (decode in tasks, the network in actors) vs a plain PyTorch loop.
 
     python -m jobs.bench predict                                # 512 images, mltr_s at 224 px, batch 32
     python -m jobs.bench predict --images 256 --variant mltr_tiny
@@ -7,9 +7,11 @@ Both sides run the same model (``--variant``, random weights, logged as the proj
 an embedded MLflow and loaded from there), the same decode (``mltr.serving.decode_rows``: decode,
 resize by the input contract) and the same batch size, on the same images read from Parquet:
 first a single-process loop (read a batch, decode it, run the network: torch's default threads);
-then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core (decode in Ray
-tasks, the network in ``--actors`` actors with ``--actor-threads`` torch threads each), timed from
-the start of the execution to its last row, actor start-up included. Ends with one JSON line:
+then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core and one more
+(decode in Ray tasks; the network in ``--actors`` actors, one per core by default, with
+``--actor-threads`` torch threads each: one model replica per core instead of one model
+spreading each batch over the cores), timed from the start of the execution to its last row,
+actor start-up included. Ends with one JSON line:
 images/s of each and ``ratio`` (Ray Data over the loop).
 """
 
@@ -33,7 +35,7 @@ class BenchPredictConfig:
     images: int = opt(512, "images predicted by each side")
     variant: str = opt("mltr_s", "model variant (random weights: throughput only)")
     batch_size: int = opt(32, "images per batch, both sides")
-    actors: int = opt(1, "Ray Data: model actors")
+    actors: int | None = opt(None, "Ray Data: model actors (default: one per core)")
     actor_threads: int | None = opt(None, "torch threads of each actor (default: cores / actors)")
     workdir: str | None = opt(None, "where the dataset, model and MLflow go (default: a temporary folder)")
 
@@ -63,7 +65,9 @@ def run(config: BenchPredictConfig) -> dict:
 
     work = Path(config.workdir or tempfile.mkdtemp(prefix="mltr-bench-predict-")).resolve()
     cores = os.cpu_count() or 1
-    init_ray(num_cpus=cores, log_to_driver=False)
+    actors = config.actors or cores
+    # One logical CPU more than cores: the model actors hold one each, the decode tasks share.
+    init_ray(num_cpus=cores + 1, log_to_driver=False)
     dataset = work / "datasets" / "coco"
     if not (dataset / "_manifest.json").exists():  # kept in --workdir for the next run
         # COCO's layout puts about a third of the images in val: draw enough for --images there.
@@ -116,16 +120,16 @@ def run(config: BenchPredictConfig) -> dict:
     )
 
     # Ray Data: the same model, decode and batch size; decode tasks beside the model actor(s).
-    threads = config.actor_threads or max(1, cores // config.actors)
+    threads = config.actor_threads or max(1, cores // actors)
     source = read_split(manifest, split, columns=["image_id", "image"]).limit(config.images)
     predictions = batch_inference(
-        source, model_uri, info, uri, None, config.batch_size, config.actors, torch_threads=threads
+        source, model_uri, info, uri, None, config.batch_size, actors, torch_threads=threads
     )
     started = time.perf_counter()
     rows = sum(1 for _ in predictions.iter_rows())
     ray_s = time.perf_counter() - started
     print(
-        f"Ray Data ({config.actors} actor x {threads} threads + decode tasks): {rows / ray_s:6.1f} images/s",
+        f"Ray Data ({actors} actors x {threads} threads + decode tasks): {rows / ray_s:6.1f} images/s",
         flush=True,
     )
     ray.shutdown()
@@ -144,6 +148,7 @@ def run(config: BenchPredictConfig) -> dict:
         "loop_s": round(loop_s, 1),
         "loop_decode_s": round(decode_s, 1),
         "ray_data_s": round(ray_s, 1),
+        "actors": actors,
         "actor_threads": threads,
         "ratio": round(ray_ips / loop_ips, 3),
         "config": to_dict(config),

@@ -152,8 +152,12 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
     # (the champion is now the worse model, as a rollback asks)
 
     # Two promotions at once, of two versions that both beat the champion by the same margin (the
-    # better run registered twice): serialised, the second compares with the first and is refused.
-    twin = register.run(parse_config(register.RegisterConfig, ["--run-id", real_run, *tracking]))["version"]
+    # better version and the same run registered again): serialised, the second compares with the
+    # first and is refused.
+    runs = {versions["weak"]: weak_run, versions["real"]: real_run}
+    twin = register.run(parse_config(register.RegisterConfig, ["--run-id", runs[better], *tracking]))[
+        "version"
+    ]
     command = [
         sys.executable, "-m", "jobs.promote", "--name", name, "--data", data, "--resamples", "50",
         "--min-gain", "1e-4", *tracking,

@@ -46,24 +46,27 @@ def model_name(tmp_path):
 
 def test_one_holder_at_a_time_and_the_holder_is_recorded(model_name):
     client, name = model_name
-    inside, overlaps, holders = [], [], []
+    inside, overlaps, holders, errors = [], [], [], []
 
     def promote(i):
-        with registry.PromotionLease(client, name, settle_s=0.3, wait_s=30) as lease:
-            holders.append(client.get_registered_model(name).tags[registry.LEASE_TAG])
-            if inside:
-                overlaps.append(i)
-            inside.append(i)
-            time.sleep(0.2)
-            inside.remove(i)
-            assert lease.holder is not None
+        try:
+            with registry.PromotionLease(client, name, settle_s=0.3, wait_s=30) as lease:
+                holders.append(client.get_registered_model(name).tags[registry.LEASE_TAG])
+                if inside:
+                    overlaps.append(i)
+                inside.append(i)
+                time.sleep(0.2)
+                inside.remove(i)
+                assert lease.holder is not None
+        except Exception as exc:  # a thread's exception would otherwise only be printed
+            errors.append(repr(exc))
 
     threads = [threading.Thread(target=promote, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert overlaps == [] and len(holders) == 4 and len(set(holders)) == 4
+    assert errors == [] and overlaps == [] and len(holders) == 4 and len(set(holders)) == 4
     assert registry.LEASE_TAG not in client.get_registered_model(name).tags  # released
 
 
