@@ -8,9 +8,8 @@ an embedded MLflow and loaded from there), the same decode (``mltr.serving.decod
 resize by the input contract) and the same batch size, on the same images read from Parquet:
 first a single-process loop (read a batch, decode it, run the network: torch's default threads);
 then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core and one more
-(decode in Ray tasks; the network in ``--actors`` actors, one per core by default, with
-``--actor-threads`` torch threads each: one model replica per core instead of one model
-spreading each batch over the cores), timed from the start of the execution to its last row,
+(decode in Ray tasks; the network in ``--actors`` actors with ``--actor-threads`` torch threads
+each, by default one actor using every core, as the loop does), timed from the start of the execution to its last row,
 actor start-up included. Ends with one JSON line:
 images/s of each and ``ratio`` (Ray Data over the loop).
 """
@@ -35,7 +34,7 @@ class BenchPredictConfig:
     images: int = opt(512, "images predicted by each side")
     variant: str = opt("mltr_s", "model variant (random weights: throughput only)")
     batch_size: int = opt(32, "images per batch, both sides")
-    actors: int | None = opt(None, "Ray Data: model actors (default: one per core)")
+    actors: int = opt(1, "Ray Data: model actors")
     actor_threads: int | None = opt(None, "torch threads of each actor (default: cores / actors)")
     workdir: str | None = opt(None, "where the dataset, model and MLflow go (default: a temporary folder)")
 
@@ -65,7 +64,7 @@ def run(config: BenchPredictConfig) -> dict:
 
     work = Path(config.workdir or tempfile.mkdtemp(prefix="mltr-bench-predict-")).resolve()
     cores = os.cpu_count() or 1
-    actors = config.actors or cores
+    actors = config.actors
     # One logical CPU more than cores: the model actors hold one each, the decode tasks share.
     init_ray(num_cpus=cores + 1, log_to_driver=False)
     dataset = work / "datasets" / "coco"
