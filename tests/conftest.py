@@ -16,6 +16,20 @@ import pytest
 from pipeline.synthetic import generate
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, why) -> None:
+    """Wait until ``url`` answers; if ``proc`` exits or ``timeout`` passes, kill it and raise ``why()``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(why()) from None
+            time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,16 +65,7 @@ def s3_server(aws_env, tmp_path_factory):
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", port], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-            time.sleep(0.2)
+    wait_for_http(f"{endpoint}/moto-api/", proc, 30, lambda: f"moto_server did not start on {endpoint}")
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
@@ -188,18 +193,12 @@ def mlflow_server(s3_server, postgres_db, tmp_path_factory):
         env=env,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(
-                    f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}"
-                ) from None
-            time.sleep(0.5)
+    wait_for_http(
+        f"{uri}/health",
+        proc,
+        90,
+        lambda: f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}",
+    )
     yield {"uri": uri, "bucket": bucket}
     proc.terminate()
     proc.wait(timeout=20)

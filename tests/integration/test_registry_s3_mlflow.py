@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from jobs._config import parse_config
 from mltr import registry
 from pipeline.dataset import load_manifest
 from pipeline.storage import resolve as resolve_storage
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -268,16 +267,9 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
         env=env,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (
-                    tmp_path / "serve.log"
-                ).read_text()[-3000:]
-                time.sleep(0.5)
+        wait_for_http(
+            f"http://127.0.0.1:{port}/ping", server, 120, lambda: (tmp_path / "serve.log").read_text()[-3000:]
+        )
         body = {
             "dataframe_split": {
                 "columns": ["image"],
