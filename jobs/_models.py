@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from jobs._config import opt
 from mltr import tracking
 from mltr.errors import ConfigError
-from mltr.serving import ImageError, Predictor, decode_image
+from mltr.serving import Predictor
 from pipeline.dataset import Manifest
 from pipeline.ingest import multi_hot
 from pipeline.storage import resolve as resolve_storage
@@ -83,14 +83,14 @@ def score_split(
     logits, labels, ignores, ids = [], [], [], []
     for batch in manifest.iter_batches(split, ["image_id", "image", "labels", "ignore"], batch_size):
         rows = batch.to_pydict()
-        try:
-            images = [
-                decode_image(data, f"{split}/{image_id}")
-                for image_id, data in zip(rows["image_id"], rows["image"], strict=True)
-            ]
-        except ImageError as exc:  # a converted dataset holds only decodable images: it is damaged
-            raise ConfigError(f"{manifest.uri}: {exc}") from None
-        logits.append(predictor.logits(images))
+        pixels, errors = predictor.decode(
+            (f"{split}/{image_id}", data, None)
+            for image_id, data in zip(rows["image_id"], rows["image"], strict=True)
+        )
+        bad = next((error for error in errors if error), None)
+        if bad:  # a converted dataset holds only decodable images: it is damaged
+            raise ConfigError(f"{manifest.uri}: {bad}")
+        logits.append(predictor.logits(pixels))
         labels += rows["labels"]
         ignores += rows["ignore"]
         ids += rows["image_id"]

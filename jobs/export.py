@@ -26,7 +26,7 @@ from jobs._config import component, opt, parse_config
 from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, load_predictor
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
-from mltr.serving import ImageError, decode_image, read_image_bytes
+from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
 
 log = logging.getLogger("jobs.export")
 
@@ -123,7 +123,8 @@ def run(config: ExportConfig) -> dict:
     predictor.model.to("cpu")
     predictor.device = torch.device("cpu")
     images = check_images(config)
-    inputs = predictor.preprocess(images)  # float32 (N, 3, S, S): the input contract
+    pixels = np.stack([resize_image(image, predictor.info.input).numpy() for image in images])
+    inputs = predictor.inputs(pixels)  # float32 (N, 3, S, S): the input contract
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seconds = export_onnx(predictor.model.eval(), inputs[:2], out, config.opset)

@@ -196,24 +196,20 @@ class Predictor:
         )
         return cls(model, info, **kwargs)
 
-    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Decoded RGB uint8 images -> the network's float32 (N, 3, S, S) input (the input contract)."""
+    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
+        """Resized uint8 pixels (N, 3, S, S) -> the network's float32 input on its device (the input contract)."""
         contract = self.info.input
-        batch = torch.stack([resize_image(image, contract) for image in images])
-        return normalize(batch.to(self.device), tuple(contract["mean"]), tuple(contract["std"]))
+        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        return normalize(batch, tuple(contract["mean"]), tuple(contract["std"]))
 
     @torch.no_grad()
-    def logits(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """The network's logits (N, classes) of decoded images, in batches of ``batch_size``."""
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """The network's logits (N, classes) of resized uint8 pixels, in batches of ``batch_size``."""
         out = [
-            self.model(self.preprocess(images[start : start + self.batch_size])).float().cpu().numpy()
-            for start in range(0, len(images), self.batch_size)
+            self.model(self.inputs(pixels[start : start + self.batch_size])).float().cpu().numpy()
+            for start in range(0, len(pixels), self.batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, len(self.info.classes)), dtype=np.float32)
-
-    def scores(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """Sigmoid scores (N, classes) of decoded images."""
-        return 1.0 / (1.0 + np.exp(-self.logits(images).astype(np.float64)))
 
     def labels(self, scores: np.ndarray) -> list[list[str]]:
         """The classes at or above their calibrated thresholds, per row."""
@@ -225,7 +221,6 @@ class Predictor:
         """:func:`decode_rows` by this model's input contract."""
         return decode_rows(items, self.info.input)
 
-    @torch.no_grad()
     def predict_pixels(
         self, pixels: np.ndarray, errors: Sequence[str | None] | None = None
     ) -> list[dict[str, Any]]:
@@ -234,13 +229,9 @@ class Predictor:
         errors = list(errors) if errors is not None else [None] * len(pixels)
         good = [i for i, error in enumerate(errors) if error is None]
         rows: list[dict[str, Any]] = [{"labels": [], "scores": [], "error": error} for error in errors]
-        contract = self.info.input
-        for start in range(0, len(good), self.batch_size):
-            index = good[start : start + self.batch_size]
-            batch = torch.from_numpy(np.ascontiguousarray(pixels[index])).to(self.device)
-            logits = self.model(normalize(batch, tuple(contract["mean"]), tuple(contract["std"])))
-            scores = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
-            for i, row_scores, row_labels in zip(index, scores, self.labels(scores), strict=True):
+        if good:
+            scores = 1.0 / (1.0 + np.exp(-self.logits(pixels[good]).astype(np.float64)))
+            for i, row_scores, row_labels in zip(good, scores, self.labels(scores), strict=True):
                 rows[i] = {"labels": row_labels, "scores": [float(v) for v in row_scores], "error": None}
         return rows
 
