@@ -1,21 +1,27 @@
-"""What the registry jobs share: the MLflow client, a model by URI or checkpoint, a split scored by it."""
+"""What the registry jobs share: the MLflow client, a model by URI or checkpoint, a split scored by it.
+
+MLflow is imported where a model URI needs it: a checkpoint folder is predicted and scored
+without it (a batch-inference worker, or a machine that has only torch and Ray).
+"""
 
 from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from jobs._config import opt
-from mltr import tracking
 from mltr.errors import ConfigError
 from mltr.serving import Predictor
 from pipeline.dataset import Manifest
 from pipeline.ingest import multi_hot
 from pipeline.storage import resolve as resolve_storage
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
@@ -30,19 +36,29 @@ class TrackingArgs:
     workdir: str = opt("work", "local folder of the embedded default (the SQLite MLflow store)")
 
     def client(self) -> MlflowClient:
+        from mlflow.tracking import MlflowClient
+
+        from mltr import tracking
+
         uri = self.mlflow_uri or tracking.default_tracking_uri(Path(self.workdir).resolve())
         tracking.check_reachable(uri)
         return MlflowClient(uri)
 
 
 def load_predictor(
-    model: str, client: MlflowClient, classes: tuple[str, ...] | None = None, batch_size: int = 32
+    model: str, client: MlflowClient | None, classes: tuple[str, ...] | None = None, batch_size: int = 32
 ) -> Predictor:
     """A registered or logged model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/ID/model``) or
-    a training checkpoint folder (local or ``s3://``; its classes are the dataset's)."""
+    a training checkpoint folder (local or ``s3://``; its classes are the dataset's). ``client``
+    says where a model URI is registered; a checkpoint folder needs none."""
     if model.startswith(MODEL_URI_SCHEMES):
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
+
+        from mltr import tracking
+
+        if client is None:
+            raise ConfigError(f"{model}: a model URI needs an MLflow tracking URI")
 
         try:
             with tracking.tracking_uri(client.tracking_uri):

@@ -147,13 +147,16 @@ class PredictActor:
         batch_size: int,
         torch_threads: int | None = None,
     ):
-        from mlflow.tracking import MlflowClient
-
         if torch_threads:  # Ray gives an actor one thread per CPU it reserves; decode tasks share the cores
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.predictor = load_predictor(model, MlflowClient(tracking_uri), classes, batch_size)
+        client = None
+        if model.startswith(MODEL_URI_SCHEMES):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+        self.predictor = load_predictor(model, client, classes, batch_size)
 
     def __call__(self, batch: dict) -> Any:
         import pyarrow as pa

@@ -206,6 +206,13 @@ def check_pretrained(config: MlTrConfig, source: PathLike) -> LoadResult:
 
 STATE_VERSION = 1
 
+# A training checkpoint folder: the weights of the model and of its EMA, and the TrainState.
+STATE_FILE = "train_state.pt"  # a TrainState: selection, optimiser, schedule, scaler, EMA, RNG, history
+MODEL_FILE = "model.pt"  # MlTr's own checkpoint format: mltr.load_model() rebuilds it
+EMA_FILE = "model_ema.pt"
+CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, STATE_FILE)
+WEIGHT_FILES = {"model": MODEL_FILE, "ema": EMA_FILE}
+
 
 @dataclass
 class Selection:

@@ -183,8 +183,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, classes: Sequence[str], **kwargs) -> Predictor:
         """The weights a training checkpoint (a local folder) selected, with its calibrated thresholds."""
-        from mltr.checkpoint import TrainState, load_model
-        from mltr.train import STATE_FILE, WEIGHT_FILES
+        from mltr.checkpoint import STATE_FILE, WEIGHT_FILES, TrainState, load_model
 
         state = TrainState.load(Path(folder) / STATE_FILE)
         model = load_model(Path(folder) / WEIGHT_FILES[state.selection.weights])

@@ -313,10 +313,9 @@ def log_final_model(
     with its classes, thresholds, input contract, variant and dataset fingerprint in its metadata.
     Returns the figures and the model's URI.
     """
-    from mltr.checkpoint import TrainState, load_model
+    from mltr.checkpoint import STATE_FILE, WEIGHT_FILES, TrainState, load_model
     from mltr.pyfunc import log_pyfunc_model
     from mltr.serving import ModelInfo
-    from mltr.train import STATE_FILE, WEIGHT_FILES
 
     state = TrainState.load(checkpoint_dir / STATE_FILE)
     chosen = state.selection

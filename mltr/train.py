@@ -34,7 +34,16 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from mltr import tracking
-from mltr.checkpoint import Selection, TrainState, load_checkpoint, load_pretrained, save_checkpoint
+from mltr.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    Selection,
+    TrainState,
+    load_checkpoint,
+    load_pretrained,
+    save_checkpoint,
+)
 from mltr.config import OptimConfig
 from mltr.losses import build_loss
 from mltr.metrics import MetricAccumulator, MetricResult, best_f1_thresholds, mean_average_precision
@@ -42,11 +51,6 @@ from mltr.model import MlTr, MlTrConfig, normalize
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.pt"  # a TrainState: selection, optimiser, schedule, scaler, EMA, RNG, history
-MODEL_FILE = "model.pt"  # MlTr's own checkpoint format: mltr.load_model() rebuilds it
-EMA_FILE = "model_ema.pt"
-CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, STATE_FILE)
-WEIGHT_FILES = {"model": MODEL_FILE, "ema": EMA_FILE}
 # Reported every epoch: the calibration mAP of the weights that epoch would ship. It ranks the
 # checkpoints (the best one is the run's model) and is what a sweep's scheduler compares.
 SELECTION_METRIC = "selection_mAP"

@@ -2,27 +2,35 @@
 
     python -m jobs.bench predict                                # 512 images, mltr_s at 224 px, batch 32
     python -m jobs.bench predict --images 256 --variant mltr_tiny
+    python -m jobs.bench predict --model-from checkpoint --images 16384   # a GPU machine: no MLflow needed
 
 Both sides run the same model (``--variant``, random weights, logged as the project's pyfunc in
-an embedded MLflow and loaded from there), the same decode (``mltr.serving.decode_rows``: decode,
+an embedded MLflow and loaded from there, or with ``--model-from checkpoint`` read from a
+training checkpoint folder as ``mltr predict --model FOLDER`` does), the same decode (``mltr.serving.decode_rows``: decode,
 resize by the input contract) and the same batch size, on the same images read from Parquet:
 first a single-process loop (read a batch, decode it, run the network: torch's default threads);
-then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core and one more
+then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core this process may
+run on (``taskset`` limits them) and one more
 (decode in Ray tasks; the network in ``--actors`` actors with ``--actor-threads`` torch threads
 each, by default one actor using every core, as the loop does), timed from the start of the execution to its last row,
-actor start-up included. Ends with one JSON line:
-images/s of each and ``ratio`` (Ray Data over the loop).
+actor start-up included (``ray_data_first_rows_s`` says how long the first batch took). Where
+``--images`` is more than the split holds, both sides read the split again, as often as needed.
+On a GPU machine the model runs on the GPU on both sides (Ray Data: one actor per GPU, no CPU).
+Ends with one JSON line: images/s of each and ``ratio`` (Ray Data over the loop).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from jobs._config import opt, parse_config, to_dict
 
@@ -36,6 +44,9 @@ class BenchPredictConfig:
     batch_size: int = opt(32, "images per batch, both sides")
     actors: int = opt(1, "Ray Data: model actors")
     actor_threads: int | None = opt(None, "torch threads of each actor (default: cores / actors)")
+    model_from: Literal["mlflow", "checkpoint"] = opt(
+        "mlflow", "load the model as the logged pyfunc (embedded MLflow) or from a checkpoint folder"
+    )
     workdir: str | None = opt(None, "where the dataset, model and MLflow go (default: a temporary folder)")
 
 
@@ -45,17 +56,63 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(config: BenchPredictConfig) -> dict:
+def checkpoint_folder(network, classes: tuple[str, ...], thresholds: tuple[float, ...], folder: Path) -> Path:
+    """A training checkpoint folder holding ``network`` as its selected weights (what
+    ``mltr predict --model FOLDER`` reads), without a training run."""
+    from mltr import save_checkpoint
+    from mltr.checkpoint import MODEL_FILE, STATE_FILE, Selection, TrainState
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(network, folder / MODEL_FILE)
+    selection = Selection(
+        weights="model",
+        calib_mAP=float("nan"),
+        thresholds=list(thresholds),
+        val={},
+        calib_per_class_ap=[],
+        val_per_class_ap=[],
+        val_pr_curve=([], []),
+    )
+    TrainState(
+        epoch=0,
+        selection=selection,
+        best_epoch=0,
+        best_calib_mAP=float("nan"),
+        history=[],
+        rng=[],
+        ema={},
+        optimizer={},
+        scheduler={},
+        scaler={},
+    ).save(folder / STATE_FILE)
+    return folder
+
+
+def log_model(network, info, work: Path) -> tuple[str, str]:
+    """``network`` logged as the project's pyfunc in an embedded MLflow: (model URI, tracking URI)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mltr import save_checkpoint, tracking
+    from mltr.pyfunc import log_pyfunc_model
+
+    save_checkpoint(network, work / "model.pt")
+    uri = tracking.default_tracking_uri(work)
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "bench-predict", (work / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    with tracking.tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        return log_pyfunc_model(work / "model.pt", info).model_uri, uri
+
+
+def run(config: BenchPredictConfig) -> dict:
     import ray
     import torch
-    from mlflow.tracking import MlflowClient
 
     from jobs._models import load_predictor
     from jobs._runtime import init_ray
     from jobs.predict import batch_inference
-    from mltr import create_model, save_checkpoint, tracking
-    from mltr.pyfunc import log_pyfunc_model
+    from mltr import create_model
     from mltr.serving import ModelInfo
     from pipeline.convert import convert
     from pipeline.dataset import load_manifest, read_split
@@ -63,43 +120,53 @@ def run(config: BenchPredictConfig) -> dict:
     from pipeline.synthetic import generate
 
     work = Path(config.workdir or tempfile.mkdtemp(prefix="mltr-bench-predict-")).resolve()
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     actors = config.actors
     # One logical CPU more than cores: the model actors hold one each, the decode tasks share.
-    init_ray(num_cpus=cores + 1, log_to_driver=False)
+    # No dashboard: nothing here needs it, and a machine with only Ray's core packages lacks its own.
+    init_ray(num_cpus=cores + 1, log_to_driver=False, include_dashboard=False)
     dataset = work / "datasets" / "coco"
     if not (dataset / "_manifest.json").exists():  # kept in --workdir for the next run
         # COCO's layout puts about a third of the images in val: draw enough for --images there.
         # COCO's own size (640 x 480 JPEGs): decoding costs what it costs on real data.
-        generate("coco", work / "src", max(64, int(config.images * 3.2)), seed=0, size=(640, 480))
+        # Past 512 images the split is read again rather than generated: decoding costs the same.
+        generate("coco", work / "src", max(64, int(min(config.images, 512) * 3.2)), seed=0, size=(640, 480))
         convert(read_index("coco", str(work / "src")), str(work / "datasets"), rows_per_shard=128)
     manifest = load_manifest(str(dataset))
     split = max(("train", "val"), key=manifest.rows)
-    if manifest.rows(split) < config.images:
-        raise SystemExit(
-            f"{dataset}: {manifest.rows(split)} rows in {split}, fewer than --images {config.images}"
-        )
+    passes = math.ceil(config.images / manifest.rows(split))  # reads of the split each side makes
 
     torch.manual_seed(0)
     network = create_model(config.variant, num_classes=manifest.num_classes).eval()
-    save_checkpoint(network, work / "model.pt")
-    info = ModelInfo(tuple(manifest.classes), (0.5,) * manifest.num_classes, network.config.input_contract())
-    uri = tracking.default_tracking_uri(work)
-    client = MlflowClient(uri)
-    experiment = tracking.ensure_experiment(client, "bench-predict", (work / "mlartifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    with tracking.tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        model_uri = log_pyfunc_model(work / "model.pt", info).model_uri
+    classes = tuple(manifest.classes)
+    info = ModelInfo(classes, (0.5,) * manifest.num_classes, network.config.input_contract())
+    if config.model_from == "mlflow":
+        model_uri, tracking_uri = log_model(network, info, work)
+    else:
+        model_uri, tracking_uri = (
+            str(checkpoint_folder(network, classes, info.thresholds, work / "checkpoint")),
+            None,
+        )
     size = network.config.image_size
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
-        f"{config.images} images of {split}, {config.variant} at {size} px, batch {config.batch_size}, {cores} cores",
+        f"{config.images} images of {split} ({passes} passes), {config.variant} at {size} px, "
+        f"batch {config.batch_size}, {cores} cores, model on {device}",
         flush=True,
     )
 
     # The loop: read, decode, run, batch after batch, in this process.
-    predictor = load_predictor(model_uri, client, batch_size=config.batch_size)
+    client = None
+    if tracking_uri is not None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+    predictor = load_predictor(model_uri, client, classes, batch_size=config.batch_size)
     started, done, decode_s = time.perf_counter(), 0, 0.0
-    for batch in manifest.iter_batches(split, ["image_id", "image"], config.batch_size):
+    batches = itertools.chain.from_iterable(
+        manifest.iter_batches(split, ["image_id", "image"], config.batch_size) for _ in range(passes)
+    )
+    for batch in batches:
         rows = batch.to_pydict()
         take = min(len(rows["image_id"]), config.images - done)
         decoding = time.perf_counter()
@@ -120,15 +187,38 @@ def run(config: BenchPredictConfig) -> dict:
 
     # Ray Data: the same model, decode and batch size; decode tasks beside the model actor(s).
     threads = config.actor_threads or max(1, cores // actors)
-    source = read_split(manifest, split, columns=["image_id", "image"]).limit(config.images)
+    source = read_split(manifest, split, columns=["image_id", "image"])
+    if passes > 1:
+        # The shards listed once per pass, read as read_split reads them (a union of passes
+        # would sample every pass's files before the first row: 12 s more on 2 cores).
+        context = ray.data.DataContext.get_current()
+        context.use_datasource_v2 = False
+        files = manifest.files(split) * passes
+        source = ray.data.read_parquet(
+            files,
+            filesystem=manifest.filesystem,
+            columns=["image_id", "image"],
+            override_num_blocks=len(files),
+        )
     predictions = batch_inference(
-        source, model_uri, info, uri, None, config.batch_size, actors, torch_threads=threads
+        source.limit(config.images),
+        model_uri,
+        info,
+        tracking_uri,
+        classes,
+        config.batch_size,
+        actors,
+        torch_threads=threads,
     )
-    started = time.perf_counter()
-    rows = sum(1 for _ in predictions.iter_rows())
+    started, rows, first_s = time.perf_counter(), 0, None
+    for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += batch.num_rows
+        if first_s is None:
+            first_s = time.perf_counter() - started
     ray_s = time.perf_counter() - started
     print(
-        f"Ray Data ({actors} actors x {threads} threads + decode tasks): {rows / ray_s:6.1f} images/s",
+        f"Ray Data ({actors} actors x {threads} threads + decode tasks): {rows / ray_s:6.1f} images/s "
+        f"(first rows after {first_s:.1f} s)",
         flush=True,
     )
     ray.shutdown()
@@ -147,6 +237,9 @@ def run(config: BenchPredictConfig) -> dict:
         "loop_s": round(loop_s, 1),
         "loop_decode_s": round(decode_s, 1),
         "ray_data_s": round(ray_s, 1),
+        "ray_data_first_rows_s": round(first_s or 0.0, 1),
+        "device": device,
+        "model_from": config.model_from,
         "actors": actors,
         "actor_threads": threads,
         "ratio": round(ray_ips / loop_ips, 3),

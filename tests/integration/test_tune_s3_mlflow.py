@@ -14,8 +14,9 @@ import pytest
 import s3fs
 from mlflow.tracking import MlflowClient
 
+from mltr.checkpoint import CHECKPOINT_FILES
 from mltr.tracking import EPOCH_KEY, tracking_uri
-from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC
+from mltr.train import SELECTION_METRIC
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,10 @@ from PIL import Image
 
 from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
+from mltr.checkpoint import CHECKPOINT_FILES, WEIGHT_FILES
 from mltr.metrics import mean_average_precision
 from mltr.tracking import EPOCH_KEY, tracking_uri
-from mltr.train import CHECKPOINT_FILES, SELECTION_METRIC, START_EPOCH_KEY, WEIGHT_FILES
+from mltr.train import SELECTION_METRIC, START_EPOCH_KEY
 from mltr.trainer import build_trainer
 from pipeline.dataset import MANIFEST, load_manifest
 from pipeline.synthetic import DEMO_CLASSES

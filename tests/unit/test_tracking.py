@@ -11,9 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mltr import create_model, save_checkpoint, tracking
-from mltr.checkpoint import Selection, TrainState
+from mltr.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, Selection, TrainState
 from mltr.errors import ConfigError
-from mltr.train import EMA_FILE, MODEL_FILE, STATE_FILE, rng_state
+from mltr.train import rng_state
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.unit
