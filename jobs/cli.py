@@ -16,6 +16,8 @@ JOBS = {
     "evaluate": "jobs.evaluate",
     "predict": "jobs.predict",
     "export": "jobs.export",
+    "pipeline": "jobs.pipeline",
+    "submit": "jobs.submit",
     "demo": "jobs.demo",
 }
 

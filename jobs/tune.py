@@ -133,6 +133,12 @@ def _trial_name(trial) -> str:
     return trial.trial_id
 
 
+def local_cpus(config: SweepConfig) -> int:
+    """Logical CPUs of a local Ray for the sweep: --max-concurrent-trials trials (one by default)."""
+    wanted = config.sweep.max_concurrent_trials or 1
+    return max(train_job.local_cpus(config.train), math.ceil(trial_cpus(config.train) * wanted))
+
+
 def trial_cpus(train: train_job.TrainConfig) -> float:
     """CPUs one trial occupies: its Train workers, its decode actors, one for evaluation, its driver."""
     return (
@@ -414,11 +420,7 @@ def run(config: SweepConfig, trial: Callable[[dict, TrialContext], None] = run_t
     with tracking.run_outcome(client, parent_run_id):
         # A local Ray holds --max-concurrent-trials trials (one by default), with more logical CPUs
         # than cores as for jobs.train; a cluster has its own resources.
-        wanted = sweep.max_concurrent_trials or 1
-        init_ray(
-            train.run.address,
-            num_cpus=max(train_job.local_cpus(train), math.ceil(trial_cpus(train) * wanted)),
-        )
+        init_ray(train.run.address, num_cpus=local_cpus(config))
         max_concurrent = concurrency(config, train, ray.cluster_resources())
         log.info(
             "sweep %s: MLflow parent run %s in %s, up to %d trials at once",

@@ -84,6 +84,9 @@ class ScalingArgs:
     oversubscribe: bool = option(
         False, "on a local Ray, allow workers that need more CPUs than this machine has"
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", "how the workers' placement group spreads them over nodes (SPREAD: one per node if it can)"
+    )
 
     def __post_init__(self):
         if self.num_workers < 1:

@@ -115,6 +115,7 @@ def build_trainer(run: TrainRun, callbacks: Sequence[Any] = ()) -> TorchTrainer:
             num_workers=run.scaling.num_workers,
             use_gpu=run.scaling.use_gpu,
             resources_per_worker=run.scaling.resources_per_worker(),
+            placement_strategy=run.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run.name,

@@ -1,0 +1,374 @@
+"""The whole pipeline as one job: preprocess -> train (or tune) -> register -> promote.
+
+    mltr pipeline --dataset coco --root /data/coco2014 --out s3://bucket/datasets --config coco --use-gpu
+    mltr pipeline --dataset voc --root ./VOCdevkit --out ./datasets --config tiny --sweep --promote
+
+Every stage is the stage's own job (``jobs.preprocess``, ``jobs.train`` or ``jobs.tune``,
+``jobs.register``, ``jobs.promote``), called in this one driver on one Ray. Training and sweep
+flags are ``mltr train``'s and ``mltr tune``'s (``--config`` finds the ``train`` presets, or the
+``tune`` presets with ``--sweep``); the dataset is ``<out>/<dataset>``.
+
+Running it again skips what is done:
+
+- preprocess, when ``<out>/<dataset>/_manifest.json`` was converted from the same annotation
+  files (its source fingerprint equals the source's) with the same image settings;
+- train (tune), when the run (sweep) of that name finished: the default name is
+  ``<dataset>-<model>-<fingerprint>-<flags>``, a digest of the dataset's fingerprint and of the
+  flags that change what is trained, so the same flags on the same data find the same run; an
+  unfinished one resumes from its checkpoint;
+- register, when the name already holds a version of that run;
+- promote, when that version is already the champion.
+
+Ends with one JSON line: each stage's result and whether it was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jobs import preprocess as preprocess_job
+from jobs import promote as promote_job
+from jobs import register as register_job
+from jobs import train as train_job
+from jobs import tune as tune_job
+from jobs._config import component, opt, parse_config, replace_flat, to_dict
+from jobs._models import TrackingArgs
+from jobs._runtime import init_ray, run_job, setup_logging
+from mltr.errors import ConfigError
+
+log = logging.getLogger("jobs.pipeline")
+
+# Flags that say where or how a run happens, not what it trains: the same run under any of them.
+RUN_PLACE_FLAGS = frozenset(
+    {
+        "name", "workdir", "storage", "mlflow_uri", "experiment", "address", "max_failures",
+        "oversubscribe", "placement_strategy", "decode_actors", "max_concurrent_trials",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PipelineArgs:
+    """What to convert, and what to do with the trained model."""
+
+    dataset: Literal["coco", "voc", "nuswide"] = opt("coco", "which dataset layout to read")
+    root: str = opt("", "folder holding the dataset in its official layout")
+    out: str = opt("", "output folder or s3://bucket/prefix; the dataset lands in <out>/<dataset>/")
+    max_side: int = opt(512, "longer side of stored images; larger images are downscaled")
+    quality: int = opt(90, "JPEG quality of re-encoded images")
+    rows_per_shard: int = opt(1000, "maximum rows per Parquet file")
+    reconvert: bool = opt(False, "convert again even when the converted dataset matches the source")
+    sweep: bool = opt(
+        False, "a Ray Tune sweep (mltr tune's flags) instead of one run; its best trial goes on"
+    )
+    register_as: str | None = opt(None, "registered model name (default: mltr-<dataset>)")
+    promote: bool = opt(False, "then promote the new version if it beats the champion on --promote-split")
+    promote_split: str = opt("val", "the split candidate and champion are scored on")
+    min_gain: float = opt(0.0, "the least mAP gain over the champion that promotes")
+
+    def __post_init__(self):
+        if not self.root:
+            raise ConfigError("--root is required: the folder holding the dataset")
+        if not self.out:
+            raise ConfigError("--out is required: a folder or s3://bucket/prefix")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Preprocess, train (or sweep), register and promote: one job, re-runs skip what is done."""
+
+    pipeline: PipelineArgs = component(PipelineArgs)
+    sweep: tune_job.SweepArgs = component(tune_job.SweepArgs)
+    train: train_job.TrainConfig = component(train_job.TrainConfig)
+
+    def __post_init__(self):
+        if self.train.data.uri.rstrip("/") != dataset_uri(self.pipeline):
+            raise ConfigError(
+                f"--data is <out>/<dataset> in a pipeline ({dataset_uri(self.pipeline)}), "
+                f"got {self.train.data.uri}"
+            )
+
+
+def dataset_uri(args: PipelineArgs) -> str:
+    return f"{args.out.rstrip('/')}/{args.dataset}"
+
+
+def parse(argv: list[str] | None) -> PipelineConfig:
+    """Flags as ``parse_config`` reads them, with ``--data`` from ``--out``/``--dataset`` and the
+    presets of ``tune`` (with ``--sweep``) or ``train``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--dataset", default="coco")
+    early.add_argument("--out", default="")
+    early.add_argument("--data", default=None)
+    early.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=False)
+    known, _ = early.parse_known_args(argv)
+    if known.data is None and known.out and not any(a in ("-h", "--help") for a in argv):
+        argv += ["--data", f"{known.out.rstrip('/')}/{known.dataset}"]
+    return parse_config(PipelineConfig, argv, prog="mltr pipeline", job="tune" if known.sweep else "train")
+
+
+def flags_digest(config: PipelineConfig) -> str:
+    """What the training (or sweep) flags say to train, as a short digest (see RUN_PLACE_FLAGS)."""
+    flags = {**to_dict(config.train), **(to_dict(config.sweep) if config.pipeline.sweep else {})}
+    kept = {k: v for k, v in sorted(flags.items()) if k not in RUN_PLACE_FLAGS and k != "data"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def stage_preprocess(args: PipelineArgs, address: str | None) -> dict[str, Any]:
+    from pipeline.dataset import DatasetNotFound, load_manifest
+    from pipeline.readers import read_index
+
+    uri = dataset_uri(args)
+    if not args.reconvert:
+        try:
+            manifest = load_manifest(uri)
+        except DatasetNotFound:
+            manifest = None
+        if manifest is not None:
+            index = read_index(args.dataset, args.root)  # annotations only: the fingerprint
+            same_images = (manifest.image.max_side, manifest.image.quality) == (args.max_side, args.quality)
+            if manifest.fingerprint == index.fingerprint and same_images:
+                log.info("1/4 preprocess: skipped, %s was converted from these annotations", uri)
+                return {
+                    "skipped": True,
+                    "uri": uri,
+                    "fingerprint": manifest.fingerprint,
+                    "rows": {s: manifest.rows(s) for s in manifest.splits},
+                    "rejects": manifest.rejects.total,
+                }
+            log.info("1/4 preprocess: %s is from other annotations or image settings: converting again", uri)
+    log.info("1/4 preprocess: converting %s (%s) into %s", args.root, args.dataset, uri)
+    result = preprocess_job.run(
+        preprocess_job.PreprocessConfig(
+            dataset=args.dataset,
+            root=args.root,
+            out=args.out,
+            max_side=args.max_side,
+            quality=args.quality,
+            rows_per_shard=args.rows_per_shard,
+            address=address,
+        )
+    )
+    manifest = load_manifest(result["uri"])
+    return {
+        "skipped": False,
+        "uri": result["uri"],
+        "fingerprint": manifest.fingerprint,
+        "rows": result["rows"],
+        "rejects": sum(result["rejects"].values()),
+    }
+
+
+def _client(train: train_job.TrainConfig):
+    return TrackingArgs(mlflow_uri=train.run.mlflow_uri, workdir=train.run.workdir).client()
+
+
+def finished_training(client, train: train_job.TrainConfig, name: str) -> dict[str, Any] | None:
+    """The finished run of this name (trained for at least --epochs), as train's result says it; else None."""
+    from mltr import tracking
+
+    experiment = client.get_experiment_by_name(train.run.experiment)
+    if experiment is None:
+        return None
+    runs = tracking.runs_tagged(client, [experiment.experiment_id], tracking.NAME_TAG, name)
+    if not runs or runs[0].info.status != "FINISHED":
+        return None
+    run = runs[0]
+    if int(run.data.tags.get(tracking.EPOCHS_TAG) or 0) < train.optim.epochs:
+        return None  # asked for more epochs now: jobs.train extends it
+    metrics = run.data.metrics
+    return {
+        "name": name,
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_uri": client.tracking_uri,
+        "calib_mAP": metrics.get("calib_mAP"),
+        "val_mAP": metrics.get("val_mAP"),
+        "label_frequency_baseline_mAP": metrics.get("label_frequency_baseline_mAP"),
+        "model_uri": run.data.tags.get("mltr.model_uri"),
+        "checkpoint": run.data.tags.get("mltr.checkpoint"),
+    }
+
+
+def finished_sweep(client, train: train_job.TrainConfig, name: str) -> dict[str, Any] | None:
+    """The finished sweep of this name with a best trial, as tune's result says it; else None."""
+    from mltr import tracking
+
+    experiment = client.get_experiment_by_name(train.run.experiment)
+    if experiment is None:
+        return None
+    runs = tracking.runs_tagged(client, [experiment.experiment_id], tune_job.SWEEP_TAG, name)
+    if not runs or runs[0].info.status != "FINISHED" or not runs[0].data.tags.get("mltr.best_run_id"):
+        return None
+    run = runs[0]
+    best_run = client.get_run(run.data.tags["mltr.best_run_id"])
+    return {
+        "name": name,
+        "parent_run_id": run.info.run_id,
+        "mlflow_uri": client.tracking_uri,
+        "best": {
+            "config": json.loads(run.data.tags.get("mltr.best_config", "{}")),
+            "mlflow_run_id": best_run.info.run_id,
+            "calib_mAP": best_run.data.metrics.get("calib_mAP"),
+            "val_mAP": best_run.data.metrics.get("val_mAP"),
+            "model_uri": run.data.tags.get("mltr.best_model_uri"),
+        },
+    }
+
+
+def stage_train(config: PipelineConfig, fingerprint: str) -> tuple[dict[str, Any], str]:
+    """Train (or sweep), or find the finished run of the same name: (its result, the run to register)."""
+    from pipeline.dataset import load_manifest
+
+    args, train = config.pipeline, config.train
+    kind = "sweep" if args.sweep else "run"
+    default = f"{args.dataset}-{'sweep-' if args.sweep else ''}{train.model.variant}-{fingerprint.rpartition(':')[2][:8]}-{flags_digest(config)}"
+    name = train.run.name or default
+    train = replace_flat(train, name=name)
+    client = _client(train)
+    done = finished_sweep(client, train, name) if args.sweep else finished_training(client, train, name)
+    if done is not None:
+        log.info("2/4 %s: skipped, %s %r finished (MLflow run %s)", "tune" if args.sweep else "train",
+                 kind, name, done.get("parent_run_id") or done["mlflow_run_id"])  # fmt: skip
+        return {"skipped": True, **done}, (
+            done["best"]["mlflow_run_id"] if args.sweep else done["mlflow_run_id"]
+        )
+    if args.sweep:
+        log.info("2/4 tune: sweep %r", name)
+        result = tune_job.run(tune_job.SweepConfig(sweep=config.sweep, train=train))
+        if result["best"] is None:
+            raise ConfigError(f"sweep {name!r} ended with no trial that finished: nothing to register")
+        return {"skipped": False, **result}, result["best"]["mlflow_run_id"]
+    manifest = load_manifest(train.data.uri)
+    log.info(
+        "2/4 train: run %r, %s on %s (%d epochs)", name, train.model.variant, manifest.uri, train.optim.epochs
+    )
+    result = train_job.run(train)
+    return {"skipped": False, **result}, result["mlflow_run_id"]
+
+
+def stage_register(config: PipelineConfig, run_id: str) -> dict[str, Any]:
+    from mltr import registry
+
+    train = config.train
+    client = _client(train)
+    name = config.pipeline.register_as or registry.default_name(config.pipeline.dataset)
+    existing = (
+        client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if _model_exists(client, name)
+        else []
+    )
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+        log.info("3/4 register: skipped, %s version %s is run %s", name, version.version, run_id)
+        return {
+            "skipped": True,
+            "name": name,
+            "version": int(version.version),
+            "model_uri": f"models:/{name}/{version.version}",
+            "aliases": registry.aliases(client, name),
+        }
+    log.info("3/4 register: run %s as a new version of %s", run_id, name)
+    result = register_job.run(
+        register_job.RegisterConfig(
+            run_id=run_id, name=name, tracking=TrackingArgs(train.run.mlflow_uri, train.run.workdir)
+        )
+    )
+    result.pop("tags", None)
+    return {"skipped": False, **result}
+
+
+def _model_exists(client, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+    except Exception:  # MLflow raises its own exception for an unknown name
+        return False
+    return True
+
+
+def stage_promote(config: PipelineConfig, registered: dict[str, Any]) -> dict[str, Any]:
+    from mltr import registry
+    from pipeline.dataset import load_manifest
+
+    args, train = config.pipeline, config.train
+    name, version = registered["name"], str(registered["version"])
+    client = _client(train)
+    champion = registry.aliases(client, name).get(registry.CHAMPION)
+    if champion == version:
+        log.info("4/4 promote: skipped, %s version %s is the champion", name, version)
+        return {"skipped": True, "decision": "already-champion", "champion": version}
+    # Judged before against this champion on the same data and split: the same images, the same
+    # models, the same decision.
+    tags = client.get_model_version(name, version).tags
+    recorded = {
+        k.removeprefix(promote_job.PROMOTION): v
+        for k, v in tags.items()
+        if k.startswith(promote_job.PROMOTION)
+    }
+    if (
+        recorded.get("champion") == champion
+        and recorded.get("data") == f"{load_manifest(train.data.uri).uri}#{args.promote_split}"
+        and recorded.get("min_gain") == f"{args.min_gain:g}"
+    ):
+        log.info(
+            "4/4 promote: skipped, %s version %s was %s against champion version %s on %s",
+            name, version, recorded.get("decision"), champion, recorded["data"],
+        )  # fmt: skip
+        return {
+            "skipped": True,
+            "decision": recorded.get("decision"),
+            "champion": champion,
+            "recorded": recorded,
+        }
+    log.info("4/4 promote: %s version %s against the champion on %s", name, version, args.promote_split)
+    result = promote_job.run(
+        promote_job.PromoteConfig(
+            name=name,
+            version=int(version),
+            data=train.data.uri,
+            split=args.promote_split,
+            min_gain=args.min_gain,
+            tracking=TrackingArgs(train.run.mlflow_uri, train.run.workdir),
+        )
+    )
+    return {"skipped": False, **result}
+
+
+def local_cpus(config: PipelineConfig) -> int:
+    """Logical CPUs of a local Ray for the training (or sweep) stage, the largest of the stages."""
+    if config.pipeline.sweep:
+        return tune_job.local_cpus(tune_job.SweepConfig(sweep=config.sweep, train=config.train))
+    return train_job.local_cpus(config.train)
+
+
+def run(config: PipelineConfig) -> dict:
+    args, train = config.pipeline, config.train
+    # One Ray for every stage, sized for the largest (a cluster has its own resources).
+    init_ray(train.run.address, num_cpus=local_cpus(config))
+    converted = stage_preprocess(args, train.run.address)
+    trained, run_id = stage_train(config, converted["fingerprint"])
+    registered = stage_register(config, run_id)
+    promoted = stage_promote(config, registered) if args.promote else None
+    return {
+        "preprocess": converted,
+        "tune" if args.sweep else "train": trained,
+        "register": registered,
+        "promote": promoted,
+        "config": {**to_dict(args), "name": trained["name"]},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse(argv)
+    return run_job("pipeline", lambda: run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
