@@ -1,0 +1,225 @@
+"""Submit a stage to a Ray cluster as a job, through Ray's Jobs API, and follow it.
+
+    mltr submit pipeline --address http://head:8265 -- --dataset coco --root /data/coco2014 --out s3://bucket/datasets
+    mltr submit train --no-wait -- --data s3://bucket/datasets/coco --config coco --use-gpu --num-workers 8
+
+What follows ``--`` is the stage's own flags; the job runs ``python -m jobs.<stage> <flags>`` on the
+cluster, in this working directory packed and uploaded by Ray (``--working-dir``, with the
+usual excludes: ``.venv``, ``work/``, ``.git``, ...). The object-store and MLflow settings of
+this shell (``AWS_*``, ``MLFLOW_*``; see ``FORWARDED_ENV``, and ``--env NAME`` for more) go to the
+job as environment variables of its runtime env: never on its command line, which the
+cluster's job list shows, nor in a file of the upload. Ray's token authentication works
+through Ray's own settings (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+
+With ``--wait`` (default) the job's logs stream here and this command exits with the job's
+status: 0 when it succeeded, the driver's own exit status when it failed (2: a user error, see
+its last line), 1 when Ray stopped it. Ctrl-C stops following, not the job. ``--no-wait``
+prints the submission id and returns at once. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mltr.errors import ConfigError
+
+# The stages a cluster runs as jobs (jobs.cli names them; the module is jobs.<stage>).
+STAGES = (
+    "make-synthetic", "preprocess", "train", "tune", "register", "promote", "evaluate",
+    "predict", "export", "pipeline",
+)  # fmt: skip
+# Settings the job reads from its environment, taken from this shell where set.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_REGISTRY_URI",
+)  # fmt: skip
+EXCLUDES = (".venv", "venv", "work/", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What goes to the cluster: the entrypoint, its runtime env, and how to follow it."""
+
+    stage: str
+    stage_args: tuple[str, ...]
+    address: str | None = None
+    wait: bool = True
+    working_dir: str = "."
+    env: tuple[str, ...] = ()  # more variable names to forward
+    submission_id: str | None = None
+    python: str = "python"
+    forwarded: dict[str, str] = field(default_factory=dict)  # filled from the environment
+
+    @property
+    def entrypoint(self) -> str:
+        module = "jobs." + self.stage.replace("-", "_")
+        return shlex.join([self.python, "-m", module, *self.stage_args])
+
+    def runtime_env(self) -> dict:
+        return {
+            "working_dir": self.working_dir,
+            "excludes": list(EXCLUDES),
+            "env_vars": dict(self.forwarded),
+        }
+
+
+def parse(argv: list[str]) -> Submission:
+    parser = argparse.ArgumentParser(
+        prog="mltr submit",
+        usage="mltr submit STAGE [--address URL] [--wait | --no-wait] [...] -- [STAGE FLAGS]",
+        description="Submit a stage as a Ray job (Jobs API), stream its logs, exit with its status.",
+    )
+    parser.add_argument("stage", choices=STAGES, help="the stage to run: python -m jobs.<stage>")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
+    parser.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stream the job's logs and exit with its status (default), or return once it is submitted",
+    )
+    parser.add_argument("--working-dir", default=".", help="the folder uploaded as the job's working dir")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward this environment variable too (repeatable); its value is read from this shell",
+    )
+    parser.add_argument("--submission-id", default=None, help="the job's id (default: Ray's)")
+    parser.add_argument(
+        "--python", default="python", help="the cluster's Python that runs the stage (default: python)"
+    )
+    if "--" in argv:
+        cut = argv.index("--")
+        own, stage_args = argv[:cut], argv[cut + 1 :]
+    else:
+        own, stage_args = argv, []
+    args = parser.parse_args(own)
+    names = [*FORWARDED_ENV, *args.env]
+    forwarded = {name: os.environ[name] for name in names if name in os.environ}
+    missing = [name for name in args.env if name not in os.environ]
+    if missing:
+        raise ConfigError(f"--env {', '.join(missing)}: not set in this shell")
+    if not os.path.isdir(args.working_dir):
+        raise ConfigError(f"--working-dir {args.working_dir}: not a folder")
+    return Submission(
+        stage=args.stage,
+        stage_args=tuple(stage_args),
+        address=args.address,
+        wait=args.wait,
+        working_dir=args.working_dir,
+        env=tuple(args.env),
+        submission_id=args.submission_id,
+        python=args.python,
+        forwarded=forwarded,
+    )
+
+
+def client_for(address: str | None):
+    import requests
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    where = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        # Ray's message says where it looked for the token (RAY_AUTH_TOKEN, ~/.ray/auth_token).
+        raise ConfigError(
+            f"{where}: {str(exc).splitlines()[0]} (set RAY_AUTH_TOKEN to the cluster's token)"
+        ) from None
+    except (ConnectionError, requests.exceptions.RequestException, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"no Ray job server answers at {where}: {exc}") from None
+
+
+async def _follow(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def _status(info) -> str:
+    return str(getattr(info.status, "value", info.status))
+
+
+def exit_status(info) -> int:
+    """The job's status as this command's exit status."""
+    status = _status(info)
+    if status == "SUCCEEDED":
+        return 0
+    if status == "FAILED" and info.driver_exit_code not in (None, 0):
+        return int(info.driver_exit_code)
+    return 1
+
+
+def run(submission: Submission) -> tuple[int, dict]:
+    client = client_for(submission.address)
+    job_id = client.submit_job(
+        entrypoint=submission.entrypoint,
+        runtime_env=submission.runtime_env(),
+        submission_id=submission.submission_id,
+        metadata={"mltr.stage": submission.stage},
+    )
+    summary = {
+        "submission_id": job_id,
+        "stage": submission.stage,
+        "entrypoint": submission.entrypoint,
+        "address": client.get_address(),
+        "forwarded_env": sorted(submission.forwarded),
+    }
+    print(
+        f"submitted {submission.stage} as job {job_id} to {client.get_address()}", file=sys.stderr, flush=True
+    )
+    if not submission.wait:
+        return 0, {**summary, "status": _status(client.get_job_info(job_id))}
+    try:
+        asyncio.run(_follow(client, job_id))
+    except KeyboardInterrupt:
+        print(
+            f"stopped following job {job_id}; it keeps running (ray job stop {job_id} stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130, {**summary, "status": "RUNNING"}
+    info = client.get_job_info(job_id)
+    while _status(info) not in TERMINAL:
+        time.sleep(0.5)  # the log stream can end a moment before the status is final
+        info = client.get_job_info(job_id)
+    status = _status(info)
+    code = exit_status(info)
+    return code, {
+        **summary,
+        "status": status,
+        "driver_exit_code": info.driver_exit_code,
+        "message": info.message,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        submission = parse(argv)
+        code, summary = run(submission)
+    except ConfigError as exc:
+        print(f"submit: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
