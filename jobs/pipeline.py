@@ -222,13 +222,20 @@ def finished_sweep(client, train: train_job.TrainConfig, name: str) -> dict[str,
     }
 
 
+def default_name(config: PipelineConfig, fingerprint: str) -> str:
+    """The run's (sweep's) name: dataset, model, the data's fingerprint and the digest of the flags."""
+    args = config.pipeline
+    sweep = "sweep-" if args.sweep else ""
+    return f"{args.dataset}-{sweep}{config.train.model.variant}-{fingerprint.rpartition(':')[2][:8]}-{flags_digest(config)}"
+
+
 def stage_train(config: PipelineConfig, fingerprint: str) -> tuple[dict[str, Any], str]:
     """Train (or sweep), or find the finished run of the same name: (its result, the run to register)."""
     from pipeline.dataset import load_manifest
 
     args, train = config.pipeline, config.train
     kind = "sweep" if args.sweep else "run"
-    default = f"{args.dataset}-{'sweep-' if args.sweep else ''}{train.model.variant}-{fingerprint.rpartition(':')[2][:8]}-{flags_digest(config)}"
+    default = default_name(config, fingerprint)
     name = train.run.name or default
     train = replace_flat(train, name=name)
     client = _client(train)
