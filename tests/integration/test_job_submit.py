@@ -243,6 +243,15 @@ def test_pipeline_submitted_to_two_nodes_survives_losing_one(
     assert run.info.status == "FINISHED"
     starts = sorted(int(m.value) for m in client.get_metric_history(run.info.run_id, "start_epoch"))
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1
+    assert "FailurePolicy] RETRY" in out  # Ray Train restarted the worker group, within --max-failures
+    # Every metric, not only the epoch marker, holds each epoch exactly once across the two starts.
+    per_epoch_prefixes = ("epoch", "lr", "data_wait", "train_", "val_model_", "val_ema_", "val_selected_",
+                          "val_images", "calib_model_", "calib_ema_", "calib_images", "selection_")  # fmt: skip
+    per_epoch = [key for key in run.data.metrics if key.startswith(per_epoch_prefixes)]
+    assert {"train_loss", "val_model_mAP", "selection_mAP"} <= set(per_epoch)
+    for key in per_epoch:
+        steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(EPOCHS)), (key, steps)
     version = client.get_model_version(model, str(pipeline["register"]["version"]))
     assert version.run_id == run.info.run_id
     assert client.get_model_version_by_alias(model, "challenger").version == version.version

@@ -1,8 +1,14 @@
-"""Training on a local Ray: a 2-worker CPU run of mltr_tiny learns, selects honestly, is tracked, and resumes."""
+"""Training on a local Ray: a 2-worker CPU run of mltr_tiny learns, selects honestly, is tracked, survives
+Ctrl-C and a failure after training, and resumes."""
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +18,11 @@ from PIL import Image
 
 from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
+from mltr import tracking
 from mltr.checkpoint import CHECKPOINT_FILES, WEIGHT_FILES
+from mltr.errors import ConfigError
 from mltr.metrics import mean_average_precision
-from mltr.tracking import EPOCH_KEY, tracking_uri
+from mltr.tracking import EPOCH_KEY, NAME_TAG, runs_tagged, tracking_uri
 from mltr.train import SELECTION_METRIC, START_EPOCH_KEY
 from mltr.trainer import build_trainer
 from pipeline.dataset import MANIFEST, load_manifest
@@ -55,25 +63,85 @@ def epochs_in_mlflow(uri: str, run_id: str) -> list[int]:
     return sorted(int(m.step) for m in MlflowClient(uri).get_metric_history(run_id, EPOCH_KEY))
 
 
-def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(dataset, tmp_path):
-    config = parse_config(
-        train_job.TrainConfig,
-        [
-            "--config",
-            "tiny",
-            "--data",
-            dataset,
-            "--epochs",
-            str(EPOCHS),
-            "--workdir",
-            str(tmp_path),
-            "--name",
-            "learns",
-        ],
-        job="train",
+def logged_epochs(uri: str, name: str) -> list[int]:
+    """Epochs of the run named ``name`` in the store at ``uri`` (none while it has no run)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mltr")
+    runs = runs_tagged(client, [experiment.experiment_id], NAME_TAG, name) if experiment else []
+    return epochs_in_mlflow(uri, runs[0].info.run_id) if runs else []
+
+
+def interrupt_after(
+    command: list[str], uri: str, name: str, epochs: int, log: Path
+) -> subprocess.CompletedProcess:
+    """Run a job on its own local Ray, as a user does, and press Ctrl-C once ``epochs`` are in MLflow."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 400
+            while (
+                len(logged_epochs(uri, name)) < epochs and proc.poll() is None and time.monotonic() < deadline
+            ):
+                time.sleep(0.5)
+            assert proc.poll() is None, (
+                f"the run ended before it could be interrupted: {log.read_text()[-3000:]}"
+            )
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return subprocess.CompletedProcess(command, proc.returncode, out, log.read_text())
+
+
+def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
+    dataset, tmp_path, monkeypatch
+):
+    flags = ["--config", "tiny", "--data", dataset, "--epochs", str(EPOCHS), "--workdir", str(tmp_path)]
+    flags += ["--name", "learns"]
+    config = parse_config(train_job.TrainConfig, flags, job="train")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    # `mltr train` on its own local Ray, stopped with Ctrl-C a few epochs in: one line, exit 130, the
+    # run marked KILLED (not FAILED, not left RUNNING), no traceback of the job's own (Ray's actors
+    # may log theirs, prefixed "(Actor pid=...)").
+    stopped = interrupt_after(
+        [sys.executable, "-m", "jobs.train", *flags], uri, "learns", 3, tmp_path / "first.log"
     )
-    result = train_job.run(config)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "train: interrupted" in stopped.stderr
+    tracebacks = [line for line in stopped.stderr.splitlines() if line.startswith("Traceback")]
+    assert not tracebacks, stopped.stderr[-3000:]
+    client = MlflowClient(uri)
+    (killed,) = runs_tagged(client, [client.get_experiment_by_name("mltr").experiment_id], NAME_TAG, "learns")
+    assert killed.info.status == "KILLED"
+    done_before = len(epochs_in_mlflow(uri, killed.info.run_id))
+    assert 3 <= done_before < EPOCHS
+
+    # The same name again resumes it from its checkpoint and trains to the end. The manifest is read
+    # once, when the run is resolved: with the file gone afterwards the whole run (driver, Ray Data
+    # tasks, workers) still goes through.
+    resolved = train_job.resolve(config)
+    manifest_file = Path(dataset) / MANIFEST
+    hidden = manifest_file.with_name("hidden-manifest.json")
+    manifest_file.rename(hidden)
+    try:
+        train_run, client = train_job.start(resolved)
+        result = train_job.report(resolved, train_run, client, build_trainer(train_run).fit())
+    finally:
+        hidden.rename(manifest_file)
+    assert result["mlflow_run_id"] == killed.info.run_id
     assert result["epochs"] == EPOCHS
+    # It started from a checkpoint, not from scratch (MLflow's bookkeeping alone would hide a restart
+    # from zero: epochs already logged are not logged again).
+    starts = sorted(
+        (int(m.step), m.value) for m in client.get_metric_history(killed.info.run_id, START_EPOCH_KEY)
+    )
+    assert len(starts) == 2 and starts[0] == (0, 0.0), starts
+    assert 1 <= starts[1][0] == starts[1][1] <= done_before, starts
+
     # A model that sees nothing scores the label frequencies; this one must do far better, on val,
     # with the epoch and weights chosen on the calibration split.
     baseline = result["label_frequency_baseline_mAP"]
@@ -139,41 +207,49 @@ def test_two_workers_learn_select_on_calibration_and_a_second_start_resumes(data
     (row,) = model.predict(pd.DataFrame({"image": [image]})).itertuples()
     assert len(row.scores) == 80 and set(row.labels) <= set(manifest.classes)
 
-    # The same name again, with one more epoch: it resumes from the checkpoint, it does not start
-    # over. The manifest is read once, when the run is resolved: with the file gone afterwards the
-    # whole run (driver, Ray Data tasks, workers) still goes through.
-    resolved = train_job.resolve(replace_flat(config, epochs=EPOCHS + 1))
-    manifest_file = Path(dataset) / MANIFEST
-    hidden = manifest_file.with_name("hidden-manifest.json")
-    manifest_file.rename(hidden)
-    try:
-        train_run, client = train_job.start(resolved)
-        resumed = train_job.report(resolved, train_run, client, build_trainer(train_run).fit())
-    finally:
-        hidden.rename(manifest_file)
-    assert resumed["mlflow_run_id"] == run_id
-    assert resumed["epochs"] == EPOCHS + 1
-    assert epochs_in_mlflow(uri, run_id) == list(range(EPOCHS + 1))
-    # It started from the checkpoint of its last epoch, not from scratch (MLflow's bookkeeping alone
-    # would hide a restart from zero: epochs already logged are not logged again).
-    starts = [(int(m.step), m.value) for m in client.get_metric_history(run_id, START_EPOCH_KEY)]
-    assert sorted(starts) == [(0, 0.0), (EPOCHS, EPOCHS)]
-    tags = client.get_run(run_id).data.tags
-    assert tags["mltr.epochs"] == str(EPOCHS + 1) and tags["mltr.epochs_history"] == f"{EPOCHS},{EPOCHS + 1}"
-
     # --init-from: a new run from the selected weights, at a learning rate too small to move them,
     # scores what they scored (one epoch from scratch sits near the label-frequency baseline).
-    warm = train_job.run(
-        replace_flat(
-            config,
-            name="warm-start",
-            epochs=1,
-            lr=1e-9,
-            init_from=str(Path(result["checkpoint"]) / WEIGHT_FILES[result["weights"]]),
-        )
+    # Logging its model fails once, after training: the run is marked FAILED, and the same name
+    # again reopens it and finishes from its checkpoint without training again.
+    warm_config = replace_flat(
+        config,
+        name="warm-start",
+        epochs=1,
+        lr=1e-9,
+        init_from=str(Path(result["checkpoint"]) / WEIGHT_FILES[result["weights"]]),
     )
-    assert warm["mlflow_run_id"] != run_id and warm["epochs"] == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model could not be logged")
+
+    monkeypatch.setattr(tracking, "log_final_model", broken)
+    with pytest.raises(RuntimeError, match="could not be logged"):
+        train_job.run(warm_config)
+    (failed,) = runs_tagged(
+        client, [client.get_experiment_by_name("mltr").experiment_id], NAME_TAG, "warm-start"
+    )
+    assert failed.info.status == "FAILED"
+    monkeypatch.undo()
+    warm = train_job.run(warm_config)
+    assert warm["mlflow_run_id"] == failed.info.run_id != run_id and warm["epochs"] == 1
+    assert client.get_run(failed.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(failed.info.run_id, START_EPOCH_KEY)] == [0, 1]
     assert warm["val_mAP"] == pytest.approx(result["val_mAP"], abs=0.02), (warm, result)
+    # Finished: the same name is refused, saying what to do.
+    with pytest.raises(
+        ConfigError, match="already finished its 1 epochs: start a new --name, or pass --epochs above 1"
+    ):
+        train_job.run(warm_config)
+
+    # The tracking store was lost (a new one): the run resumes from its checkpoint and replays the
+    # epochs that checkpoint holds but the store does not, each exactly once.
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    replayed = train_job.run(replace_flat(warm_config, mlflow_uri=other_uri))
+    other = MlflowClient(other_uri)
+    assert replayed["mlflow_run_id"] != failed.info.run_id
+    assert [m.step for m in other.get_metric_history(replayed["mlflow_run_id"], START_EPOCH_KEY)] == [1]
+    for key in ("epoch", "train_loss", "selection_mAP", "val_model_mAP", "calib_ema_mAP"):
+        assert [m.step for m in other.get_metric_history(replayed["mlflow_run_id"], key)] == [0], key
 
 
 def test_bad_configuration_fails_fast_with_what_to_change(dataset, tmp_path):
@@ -188,6 +264,11 @@ def test_bad_configuration_fails_fast_with_what_to_change(dataset, tmp_path):
         run(window_size=5)
     with pytest.raises(ValueError, match="need 10: lower --num-workers"):
         run(num_workers=4, cpus_per_worker=2)  # + 1 decode actor + 1 CPU for evaluation; 4 CPUs here
+    # Told to wait for an autoscaler (this Ray has none), it waits, then says the wait was not enough.
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="did not add them in --wait-for-resources 1s"):
+        run(num_workers=4, cpus_per_worker=2, wait_for_resources=1)
+    assert time.monotonic() - started >= 1
     rows = load_manifest(dataset).rows("train")
     with pytest.raises(
         ValueError, match=r"less its \d+ calibration rows: \d+ rows per epoch cannot fill one batch of"
@@ -200,51 +281,3 @@ def test_bad_configuration_fails_fast_with_what_to_change(dataset, tmp_path):
     shutil.copytree(dataset, empty / "copy", ignore=shutil.ignore_patterns(MANIFEST))
     with pytest.raises(DatasetNotFound, match="_manifest.json"):
         run(data=str(empty / "copy"))
-
-
-def test_a_failure_after_fit_marks_the_run_failed_and_a_finished_name_is_not_reopened(
-    dataset, tmp_path, monkeypatch
-):
-    from mltr import tracking
-    from mltr.errors import ConfigError
-
-    config = from_flat(
-        train_job.TrainConfig,
-        {"data": dataset, "epochs": 1, "batch_size": 16, "workdir": str(tmp_path), "name": "fails-late"},
-    )
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("the model could not be logged")
-
-    monkeypatch.setattr(tracking, "log_final_model", broken)
-    with pytest.raises(RuntimeError, match="could not be logged"):
-        train_job.run(config)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = tracking.runs_tagged(
-        client, [client.get_experiment_by_name("mltr").experiment_id], "mltr.train_name", "fails-late"
-    )
-    assert run.info.status == "FAILED"
-
-    # The failed run is reopened and finishes from its checkpoint, without training again.
-    monkeypatch.undo()
-    result = train_job.run(config)
-    assert (
-        result["mlflow_run_id"] == run.info.run_id
-        and client.get_run(run.info.run_id).info.status == "FINISHED"
-    )
-    assert [m.step for m in client.get_metric_history(run.info.run_id, START_EPOCH_KEY)] == [0, 1]
-    # Finished: the same name is refused, saying what to do.
-    with pytest.raises(
-        ConfigError, match="already finished its 1 epochs: start a new --name, or pass --epochs above 1"
-    ):
-        train_job.run(config)
-
-    # The tracking store was lost (a new one): the run resumes from its checkpoint and replays the
-    # epochs that checkpoint holds but the store does not, each exactly once.
-    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
-    replayed = train_job.run(replace_flat(config, mlflow_uri=other_uri))
-    other = MlflowClient(other_uri)
-    assert replayed["mlflow_run_id"] != run.info.run_id
-    assert [m.step for m in other.get_metric_history(replayed["mlflow_run_id"], START_EPOCH_KEY)] == [1]
-    for key in ("epoch", "train_loss", "selection_mAP", "val_model_mAP", "calib_ema_mAP"):
-        assert [m.step for m in other.get_metric_history(replayed["mlflow_run_id"], key)] == [0], key
