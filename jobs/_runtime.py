@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,72 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         ):
             kwargs.pop(local_only, None)
     ray.init(address=address, **kwargs)
+
+
+def covers(resources: dict[str, float], bundles: list[dict[str, float]]) -> bool:
+    """Whether ``resources`` hold the sum of ``bundles`` (totals only: placing them is Ray's job)."""
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    return all(resources.get(key, 0.0) >= amount for key, amount in need.items())
+
+
+_requested = False  # whether this process holds a request to the cluster's autoscaler
+
+
+def wait_for_resources(
+    bundles: list[dict[str, float]], timeout: float, poll: float = 5.0
+) -> dict[str, float]:
+    """The cluster's resources, once they hold ``bundles`` or ``timeout`` seconds have passed.
+
+    An autoscaling cluster (KubeRay's GPU workers at ``minReplicas: 0``, the cluster launcher's
+    ``min_workers: 0``) starts smaller than a run needs. With ``timeout`` > 0 the bundles are
+    requested from its autoscaler (``ray.autoscaler.sdk.request_resources``, a hint it acts on at
+    once) and the cluster is polled until they fit. The request stays until
+    :func:`withdraw_resource_request`, which the jobs call when the run ends: an autoscaler removes
+    nodes idle past its timeout, and the run's placement group and actors come seconds after the
+    wait. A cluster without an autoscaler does not grow, and the wait ends at ``timeout``; the
+    caller's checks then say what is missing. ``timeout`` 0 returns the resources as they are.
+
+    The request is the cluster's one request (a later one from any job replaces it): on a shared
+    cluster two jobs waiting at once each get at least what the other asked for, or their own.
+    """
+    global _requested
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    resources = ray.cluster_resources()
+    if timeout <= 0 or covers(resources, bundles):
+        return resources
+    deadline = time.monotonic() + timeout
+    request_resources(bundles=bundles)
+    _requested = True
+    log = logging.getLogger("mltr")
+    log.info(
+        "the cluster has %s; waiting up to %gs for its autoscaler to add %d bundles %s",
+        {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+        timeout,
+        len(bundles),
+        sorted({tuple(sorted(b.items())) for b in bundles}),
+    )
+    while not covers(resources, bundles) and time.monotonic() < deadline:
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        resources = ray.cluster_resources()
+    log.info("the cluster has %s", {k: v for k, v in resources.items() if k in ("CPU", "GPU")})
+    return resources
+
+
+def withdraw_resource_request() -> None:
+    """Withdraw the request :func:`wait_for_resources` made, if this process made one: what the
+    run still holds keeps its nodes, and the autoscaler may remove the others once idle."""
+    global _requested
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if _requested and ray.is_initialized():
+        request_resources(bundles=[])
+    _requested = False
 
 
 def _ray_initialized() -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from jobs._config import component, opt, parse_config, to_dict
-from jobs._runtime import init_ray, run_job, setup_logging
+from jobs._runtime import init_ray, run_job, setup_logging, wait_for_resources, withdraw_resource_request
 from mltr import tracking
 from mltr.checkpoint import check_pretrained
 from mltr.config import ModelArgs, OptimConfig, ScalingArgs
@@ -183,6 +183,24 @@ def decode_actors(config: TrainConfig, cluster_cpus: float) -> int:
     return max(1, math.floor(cluster_cpus) - train_cpus(config.scaling) - EVAL_CPUS)
 
 
+def run_bundles(config: TrainConfig) -> list[dict[str, float]]:
+    """What a run places on the cluster: a bundle per Train worker, a CPU per decode actor (at
+    least one: by default they take what the cluster has left), the CPU for evaluation."""
+    scaling = config.scaling
+    return (
+        [scaling.resources_per_worker()] * scaling.num_workers
+        + [{"CPU": 1.0}] * (config.data.decode_actors or 1)
+        + [{"CPU": float(EVAL_CPUS)}]
+    )
+
+
+def grow_hint(scaling: ScalingArgs) -> str:
+    """How to get more of the cluster: what the refusal messages end with."""
+    if scaling.wait_for_resources > 0:
+        return f"add nodes (the autoscaler did not add them in --wait-for-resources {scaling.wait_for_resources:g}s)"
+    return "add nodes, or on an autoscaling cluster pass --wait-for-resources SECONDS"
+
+
 def check_resources(scaling: ScalingArgs, actors: int) -> None:
     """Fail fast when the cluster cannot place the workers and the decode actors."""
     import ray
@@ -193,13 +211,14 @@ def check_resources(scaling: ScalingArgs, actors: int) -> None:
         raise ConfigError(
             f"the cluster has {total.get('CPU', 0):g} CPUs; {scaling.num_workers} workers x "
             f"{scaling.cpus_per_worker:g} CPUs, {actors} decode actors and {EVAL_CPUS} CPU for evaluation "
-            f"need {need_cpu:g}: lower --num-workers, --cpus-per-worker or --decode-actors, or add nodes"
+            f"need {need_cpu:g}: lower --num-workers, --cpus-per-worker or --decode-actors, or {grow_hint(scaling)}"
         )
     need_gpu = scaling.num_workers * scaling.gpus_per_worker
     if scaling.use_gpu and total.get("GPU", 0) < need_gpu:
         raise ConfigError(
             f"--use-gpu: {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPUs need {need_gpu:g}, "
-            f"the cluster has {total.get('GPU', 0):g}; lower --num-workers or --gpus-per-worker, or add GPU nodes"
+            f"the cluster has {total.get('GPU', 0):g}; lower --num-workers or --gpus-per-worker, or "
+            f"{grow_hint(scaling)}"
         )
 
 
@@ -234,11 +253,11 @@ def start(
     :func:`run` marks it FAILED (KILLED on Ctrl-C) if anything fails. ``parent_run_id`` makes it a
     child run (a sweep's trial); ``tags`` are added to it.
     """
-    import ray
 
     config, manifest = resolved.config, resolved.manifest
     init_ray(config.run.address, num_cpus=local_cpus(config))
-    actors = decode_actors(config, ray.cluster_resources().get("CPU", 0))
+    resources = wait_for_resources(run_bundles(config), config.scaling.wait_for_resources)
+    actors = decode_actors(config, resources.get("CPU", 0))
     check_resources(config.scaling, actors)
     data = data_plan(resolved, actors)
 
@@ -354,10 +373,13 @@ def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> d
 
 def run(config: TrainConfig) -> dict:
     resolved = resolve(config)
-    train_run, client = start(resolved)
-    with tracking.run_outcome(client, train_run.mlflow_run_id):
-        trainer = build_trainer(train_run)
-        return report(resolved, train_run, client, trainer.fit())
+    try:
+        train_run, client = start(resolved)
+        with tracking.run_outcome(client, train_run.mlflow_run_id):
+            trainer = build_trainer(train_run)
+            return report(resolved, train_run, client, trainer.fit())
+    finally:
+        withdraw_resource_request()  # nodes --wait-for-resources asked for may leave once idle
 
 
 def main(argv: list[str] | None = None) -> int:

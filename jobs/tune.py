@@ -33,7 +33,7 @@ from ray.tune import Callback
 
 from jobs import train as train_job
 from jobs._config import component, opt, parse_config, replace_flat, to_dict
-from jobs._runtime import init_ray, run_job, setup_logging
+from jobs._runtime import init_ray, run_job, setup_logging, wait_for_resources, withdraw_resource_request
 from mltr import sweep as sweep_report
 from mltr import tracking
 from mltr.errors import ConfigError
@@ -158,7 +158,7 @@ def concurrency(config: SweepConfig, train: train_job.TrainConfig, resources: di
             f"a trial needs {need:g} CPUs ({train.scaling.num_workers} workers x {train.scaling.cpus_per_worker:g}, "
             f"{train.data.decode_actors or 1} decode actors, {train_job.EVAL_CPUS} for evaluation; Ray Data's "
             f"tasks run outside the trial's placement group) and the cluster has {cpus:g}: lower "
-            f"--workers-per-trial, --cpus-per-worker or --decode-actors, or add nodes"
+            f"--workers-per-trial, --cpus-per-worker or --decode-actors, or {train_job.grow_hint(train.scaling)}"
         )
     fits = math.floor(cpus / need)
     if train.scaling.use_gpu:
@@ -167,7 +167,7 @@ def concurrency(config: SweepConfig, train: train_job.TrainConfig, resources: di
         if fits < 1:
             raise ConfigError(
                 f"a trial needs {per_trial_gpus:g} GPUs, the cluster has {resources.get('GPU', 0):g}: lower "
-                f"--workers-per-trial or --gpus-per-worker, or add GPU nodes"
+                f"--workers-per-trial or --gpus-per-worker, or {train_job.grow_hint(train.scaling)}"
             )
     return config.sweep.max_concurrent_trials or max(1, fits)
 
@@ -371,7 +371,13 @@ def _log_results(
 
 def run(config: SweepConfig, trial: Callable[[dict, TrialContext], None] = run_trial) -> dict:
     """The sweep. ``trial`` is the trainable's body (``run_trial``; a wrapper of it in tests)."""
-    import ray
+    try:
+        return _run(config, trial)
+    finally:
+        withdraw_resource_request()  # nodes --wait-for-resources asked for may leave once idle
+
+
+def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -421,7 +427,13 @@ def run(config: SweepConfig, trial: Callable[[dict, TrialContext], None] = run_t
         # A local Ray holds --max-concurrent-trials trials (one by default), with more logical CPUs
         # than cores as for jobs.train; a cluster has its own resources.
         init_ray(train.run.address, num_cpus=local_cpus(config))
-        max_concurrent = concurrency(config, train, ray.cluster_resources())
+        wanted = (
+            config.sweep.max_concurrent_trials or 1
+        )  # at least one trial's worth, on an autoscaling cluster
+        bundles = (train_job.run_bundles(train) + [{"CPU": DRIVER_CPU}]) * wanted
+        max_concurrent = concurrency(
+            config, train, wait_for_resources(bundles, train.scaling.wait_for_resources)
+        )
         log.info(
             "sweep %s: MLflow parent run %s in %s, up to %d trials at once",
             name,

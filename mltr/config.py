@@ -87,6 +87,11 @@ class ScalingArgs:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
         "PACK", "how the workers' placement group spreads them over nodes (SPREAD: one per node if it can)"
     )
+    wait_for_resources: float = option(
+        0.0,
+        "seconds to wait for an autoscaling cluster to grow to what the run needs (asked of its "
+        "autoscaler) before refusing it; 0: refuse a cluster too small at once",
+    )
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -95,6 +100,10 @@ class ScalingArgs:
             raise ConfigError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
         if self.gpus_per_worker <= 0:
             raise ConfigError(f"--gpus-per-worker must be positive, got {self.gpus_per_worker}")
+        if self.wait_for_resources < 0:
+            raise ConfigError(
+                f"--wait-for-resources must be 0 or more seconds, got {self.wait_for_resources:g}"
+            )
 
     def resources_per_worker(self) -> dict[str, float]:
         return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}

@@ -115,3 +115,25 @@ def test_trials_at_once_follow_the_cluster_and_a_too_small_cluster_is_refused_wi
     assert tune.concurrency(gpu, gpu.train, {"CPU": 64, "GPU": 2}) == 2
     with pytest.raises(ConfigError, match="a trial needs 1 GPUs, the cluster has 0"):
         tune.concurrency(gpu, gpu.train, {"CPU": 64})
+
+
+def test_what_a_run_and_a_sweep_ask_an_autoscaler_for_and_what_a_refusal_suggests():
+    from jobs import train
+    from jobs._runtime import covers
+
+    config = sweep_config(num_workers=2, use_gpu=True, gpus_per_worker=0.5, decode_actors=3)
+    bundles = train.run_bundles(config.train)
+    assert bundles == [{"CPU": 1.0, "GPU": 0.5}] * 2 + [{"CPU": 1.0}] * 3 + [{"CPU": 1.0}]
+    # Without --decode-actors they take what the cluster has left: at least one is asked for.
+    assert train.run_bundles(sweep_config(decode_actors=None).train) == [{"CPU": 1.0}] * 3
+    assert covers({"CPU": 6, "GPU": 1}, bundles) and not covers({"CPU": 5, "GPU": 1}, bundles)
+    assert not covers({"CPU": 64}, bundles)  # no GPU at all
+    assert covers({"CPU": 1}, [])
+    # A refusal says how to get a bigger cluster: wait for the autoscaler, or that the wait was not enough.
+    with pytest.raises(ConfigError, match="on an autoscaling cluster pass --wait-for-resources SECONDS"):
+        tune.concurrency(config, config.train, {"CPU": 2})
+    waited = sweep_config(wait_for_resources=30)
+    with pytest.raises(ConfigError, match="did not add them in --wait-for-resources 30s"):
+        tune.concurrency(waited, waited.train, {"CPU": 2})
+    with pytest.raises(ConfigError, match="--wait-for-resources must be 0 or more seconds, got -1"):
+        sweep_config(wait_for_resources=-1)
