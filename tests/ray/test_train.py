@@ -108,7 +108,7 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     # run marked KILLED (not FAILED, not left RUNNING), no traceback of the job's own (Ray's actors
     # may log theirs, prefixed "(Actor pid=...)").
     stopped = interrupt_after(
-        [sys.executable, "-m", "jobs.train", *flags], uri, "learns", 3, tmp_path / "first.log"
+        [sys.executable, "-m", "jobs.train", *flags], uri, "learns", 2, tmp_path / "first.log"
     )
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "train: interrupted" in stopped.stderr
@@ -118,7 +118,7 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     (killed,) = runs_tagged(client, [client.get_experiment_by_name("mltr").experiment_id], NAME_TAG, "learns")
     assert killed.info.status == "KILLED"
     done_before = len(epochs_in_mlflow(uri, killed.info.run_id))
-    assert 3 <= done_before < EPOCHS
+    assert 2 <= done_before < EPOCHS
 
     # The same name again resumes it from its checkpoint and trains to the end. The manifest is read
     # once, when the run is resolved: with the file gone afterwards the whole run (driver, Ray Data
