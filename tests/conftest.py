@@ -36,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_agent_ports() -> list[str]:
+    """Ports of a node's own agents, free ones: Ray's defaults (52365 for the dashboard agent, which
+    serves the job API's submissions) are taken by any other Ray on this machine, such as the
+    session's local Ray, and a node whose agent cannot bind them accepts no job."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+
+
 @pytest.fixture(scope="session")
 def aws_env():
     """Static test credentials and a loopback S3 endpoint, set before any Ray worker starts."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jobs._runtime import LOCAL_ONLY_ENV
-from tests.conftest import free_port
+from tests.conftest import free_port, ray_agent_ports
 from tests.listeners import descendants, external_listeners
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ def autoscaling_head(tmp_path):
     process = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs.rsplit(':', 1)[1]}", "--num-cpus=1"]
         + ["--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
-        + [f"--autoscaling-config={tmp_path / 'autoscaler.json'}", "--disable-usage-stats"],
+        + [f"--autoscaling-config={tmp_path / 'autoscaler.json'}", "--disable-usage-stats", *ray_agent_ports()],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     env = {**env, "RAY_ADDRESS": gcs}

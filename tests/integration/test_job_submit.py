@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from jobs._runtime import LOCAL_ONLY_ENV
-from tests.conftest import free_port
+from tests.conftest import free_port, ray_agent_ports
 from tests.listeners import descendants, external_listeners
 
 pytestmark = pytest.mark.integration
@@ -66,6 +66,7 @@ def head(aws_env):
             "--node-ip-address=127.0.0.1",
         ]
         + ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}"]
+        + ray_agent_ports()
         + ["--disable-usage-stats"],
         env=node_env,
         stdout=subprocess.DEVNULL,
@@ -141,7 +142,7 @@ def worker_node(head):
     temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.ray_node", f"--address={head.gcs}", "--block", "--num-cpus=3"]
-        + ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        + ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ray_agent_ports()],
         env=head.node_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
