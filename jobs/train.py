@@ -138,6 +138,16 @@ def resolve(config: TrainConfig) -> Resolved:
     val_targets, val_ignore = multi_hot(
         val["labels"].to_pylist(), val["ignore"].to_pylist(), manifest.num_classes
     )
+    # The epoch and weights are chosen on the calibration rows' mAP, the run is reported on val's:
+    # both are means over classes with a positive, so without any there is nothing to choose or report.
+    if not train_targets[~fit].any():
+        raise ConfigError(
+            f"{manifest.uri}: the {calib.calib_rows} calibration rows (of split 'train') hold no "
+            f"positive label, so no epoch or weights could be chosen on them: raise --calib-fraction "
+            f"or --calib-max"
+        )
+    if not val_targets.any():
+        raise ConfigError(f"{manifest.uri}: split 'val' holds no positive label: the run could not be scored")
     baseline = label_frequency_baseline(train_targets[fit], val_targets, val_ignore)
     mlflow_uri = config.run.mlflow_uri or tracking.default_tracking_uri(Path(config.run.workdir).resolve())
     tracking.check_reachable(mlflow_uri)

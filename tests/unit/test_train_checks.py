@@ -34,7 +34,9 @@ pytestmark = pytest.mark.unit
 CLASSES = ("a", "b", "c")
 
 
-def write_dataset(folder, splits=("train", "val"), rows=40) -> Manifest:
+def write_dataset(
+    folder, splits=("train", "val"), rows=40, labels=lambda split, image_id, i: [i % 3]
+) -> Manifest:
     """A committed dataset (labels only matter here), written without Ray: ``rows`` per split in 2 shards."""
     infos = {}
     for split in splits:
@@ -44,7 +46,7 @@ def write_dataset(folder, splits=("train", "val"), rows=40) -> Manifest:
             table = pa.Table.from_pylist(
                 [
                     {"image_id": f"{split}-{part}-{i}", "image": b"\xff\xd8", "width": 8, "height": 8,
-                     "labels": [i % 3], "ignore": [], "source_path": "x"}
+                     "labels": labels(split, f"{split}-{part}-{i}", i), "ignore": [], "source_path": "x"}
                     for i in range(rows // 2)
                 ],
                 SCHEMA,
@@ -77,6 +79,21 @@ def test_a_sound_dataset_resolves_with_its_calibration_split(tmp_path):
     write_dataset(tmp_path / "ds")
     resolved = train_job.resolve(config(tmp_path / "ds", tmp_path, calib_fraction=0.25))
     assert resolved.calib.calib_rows + resolved.calib.fit_rows == 40 and resolved.model.num_classes == 3
+
+
+def test_a_calibration_slice_or_a_val_split_without_a_positive_label_is_refused(tmp_path):
+    from pipeline.dataset import calib_score
+
+    # Positives only on the rows training fits on: the calibration rows hold none.
+    def fit_rows_only(split, image_id, i):
+        return [i % 3] if split == "val" or calib_score(image_id) >= 0.25 else []
+
+    write_dataset(tmp_path / "calib", labels=fit_rows_only)
+    with pytest.raises(ConfigError, match=r"calibration rows \(of split 'train'\) hold no positive label"):
+        train_job.resolve(config(tmp_path / "calib", tmp_path, calib_fraction=0.25))
+    write_dataset(tmp_path / "val", labels=lambda split, image_id, i: [i % 3] if split == "train" else [])
+    with pytest.raises(ConfigError, match="split 'val' holds no positive label"):
+        train_job.resolve(config(tmp_path / "val", tmp_path))
 
 
 def test_a_truncated_or_deleted_shard_is_named_before_training(tmp_path):
