@@ -214,19 +214,18 @@ def run(config: DemoConfig) -> dict:
             num_cpus=max(pipeline.local_cpus(training), pipeline.local_cpus(sweeping)), log_to_driver=False
         )
         term.stage(2, "preprocess: Ray Data converts it to Parquet shards with a manifest")
-        converted = pipeline.stage_preprocess(training.pipeline, None)
+        converted = pipeline.stage_preprocess(training, None)
         term.say(
             f"      {'reused' if converted['skipped'] else 'wrote'} {converted['uri']}: rows {converted['rows']}, "
             f"rejects {converted['rejects']} (listed in _rejects.jsonl)"
         )
         mlflow_uri = tracking.default_tracking_uri(work)
         client = MlflowClient(mlflow_uri)
-        fingerprint = converted["fingerprint"].rpartition(":")[2][:8]
-        run_name = training.train.run.name or pipeline.default_name(training, converted["fingerprint"])
+        run_name = pipeline.run_name(training, converted["fingerprint"])
         term.stage(3, f"train: mltr_tiny, {config.epochs} epochs on {config.num_workers} Ray Train workers")
         with progress(term, "      train", config.epochs, lambda: run_epochs(client, "mltr", run_name)):
             trained, run_id = pipeline.stage_train(training, converted["fingerprint"])
-        sweep_name = pipeline.default_name(sweeping, converted["fingerprint"])
+        sweep_name = pipeline.run_name(sweeping, converted["fingerprint"])
         term.stage(4, "tune: window size 2, 4 x loss bce, asl (ASHA, 2 trials at a time)")
         with progress(
             term, "      sweep", 4 * config.sweep_epochs, lambda: sweep_epochs(client, "mltr", sweep_name)
@@ -316,7 +315,7 @@ def run(config: DemoConfig) -> dict:
         "onnx": exported["out"],
         "onnx_max_abs_diff": exported["max_abs_diff"],
         "mlflow_uri": mlflow_uri,
-        "fingerprint": fingerprint,
+        "fingerprint": converted["fingerprint"].rpartition(":")[2][:8],
     }
 
 

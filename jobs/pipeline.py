@@ -30,7 +30,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from jobs import preprocess as preprocess_job
 from jobs import promote as promote_job
@@ -55,14 +55,8 @@ RUN_PLACE_FLAGS = frozenset(
 
 @dataclass(frozen=True)
 class PipelineArgs:
-    """What to convert, and what to do with the trained model."""
+    """Whether to convert again, sweep, and what to do with the trained model."""
 
-    dataset: Literal["coco", "voc", "nuswide"] = opt("coco", "which dataset layout to read")
-    root: str = opt("", "folder holding the dataset in its official layout")
-    out: str = opt("", "output folder or s3://bucket/prefix; the dataset lands in <out>/<dataset>/")
-    max_side: int = opt(512, "longer side of stored images; larger images are downscaled")
-    quality: int = opt(90, "JPEG quality of re-encoded images")
-    rows_per_shard: int = opt(1000, "maximum rows per Parquet file")
     reconvert: bool = opt(False, "convert again even when the converted dataset matches the source")
     sweep: bool = opt(
         False, "a Ray Tune sweep (mltr tune's flags) instead of one run; its best trial goes on"
@@ -72,31 +66,21 @@ class PipelineArgs:
     promote_split: str = opt("val", "the split candidate and champion are scored on")
     min_gain: float = opt(0.0, "the least mAP gain over the champion that promotes")
 
-    def __post_init__(self):
-        if not self.root:
-            raise ConfigError("--root is required: the folder holding the dataset")
-        if not self.out:
-            raise ConfigError("--out is required: a folder or s3://bucket/prefix")
-
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """Preprocess, train (or sweep), register and promote: one job, re-runs skip what is done."""
 
+    conversion: preprocess_job.ConversionArgs = component(preprocess_job.ConversionArgs)
     pipeline: PipelineArgs = component(PipelineArgs)
     sweep: tune_job.SweepArgs = component(tune_job.SweepArgs)
     train: train_job.TrainConfig = component(train_job.TrainConfig)
 
     def __post_init__(self):
-        if self.train.data.uri.rstrip("/") != dataset_uri(self.pipeline):
+        if self.train.data.uri.rstrip("/") != self.conversion.uri:
             raise ConfigError(
-                f"--data is <out>/<dataset> in a pipeline ({dataset_uri(self.pipeline)}), "
-                f"got {self.train.data.uri}"
+                f"--data is <out>/<dataset> in a pipeline ({self.conversion.uri}), got {self.train.data.uri}"
             )
-
-
-def dataset_uri(args: PipelineArgs) -> str:
-    return f"{args.out.rstrip('/')}/{args.dataset}"
 
 
 def parse(argv: list[str] | None) -> PipelineConfig:
@@ -121,19 +105,21 @@ def flags_digest(config: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def stage_preprocess(args: PipelineArgs, address: str | None) -> dict[str, Any]:
+def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, Any]:
     from pipeline.dataset import DatasetNotFound, load_manifest
     from pipeline.readers import read_index
 
-    uri = dataset_uri(args)
-    if not args.reconvert:
+    conversion = config.conversion
+    uri = conversion.uri
+    if not config.pipeline.reconvert:
         try:
             manifest = load_manifest(uri)
         except DatasetNotFound:
             manifest = None
         if manifest is not None:
-            index = read_index(args.dataset, args.root)  # annotations only: the fingerprint
-            same_images = (manifest.image.max_side, manifest.image.quality) == (args.max_side, args.quality)
+            index = read_index(conversion.dataset, conversion.root)  # annotations only: the fingerprint
+            stored = (manifest.image.max_side, manifest.image.quality)
+            same_images = stored == (conversion.max_side, conversion.quality)
             if manifest.fingerprint == index.fingerprint and same_images:
                 log.info("1/4 preprocess: skipped, %s was converted from these annotations", uri)
                 return {
@@ -144,18 +130,8 @@ def stage_preprocess(args: PipelineArgs, address: str | None) -> dict[str, Any]:
                     "rejects": manifest.rejects.total,
                 }
             log.info("1/4 preprocess: %s is from other annotations or image settings: converting again", uri)
-    log.info("1/4 preprocess: converting %s (%s) into %s", args.root, args.dataset, uri)
-    result = preprocess_job.run(
-        preprocess_job.PreprocessConfig(
-            dataset=args.dataset,
-            root=args.root,
-            out=args.out,
-            max_side=args.max_side,
-            quality=args.quality,
-            rows_per_shard=args.rows_per_shard,
-            address=address,
-        )
-    )
+    log.info("1/4 preprocess: converting %s (%s) into %s", conversion.root, conversion.dataset, uri)
+    result = preprocess_job.run(preprocess_job.PreprocessConfig(conversion=conversion, address=address))
     manifest = load_manifest(result["uri"])
     return {
         "skipped": False,
@@ -224,9 +200,16 @@ def finished_sweep(client, train: train_job.TrainConfig, name: str) -> dict[str,
 
 def default_name(config: PipelineConfig, fingerprint: str) -> str:
     """The run's (sweep's) name: dataset, model, the data's fingerprint and the digest of the flags."""
-    args = config.pipeline
-    sweep = "sweep-" if args.sweep else ""
-    return f"{args.dataset}-{sweep}{config.train.model.variant}-{fingerprint.rpartition(':')[2][:8]}-{flags_digest(config)}"
+    sweep = "sweep-" if config.pipeline.sweep else ""
+    return (
+        f"{config.conversion.dataset}-{sweep}{config.train.model.variant}-"
+        f"{fingerprint.rpartition(':')[2][:8]}-{flags_digest(config)}"
+    )
+
+
+def run_name(config: PipelineConfig, fingerprint: str) -> str:
+    """The name the training stage runs (or finds) under: ``--name``, else :func:`default_name`."""
+    return config.train.run.name or default_name(config, fingerprint)
 
 
 def stage_train(config: PipelineConfig, fingerprint: str) -> tuple[dict[str, Any], str]:
@@ -235,8 +218,7 @@ def stage_train(config: PipelineConfig, fingerprint: str) -> tuple[dict[str, Any
 
     args, train = config.pipeline, config.train
     kind = "sweep" if args.sweep else "run"
-    default = default_name(config, fingerprint)
-    name = train.run.name or default
+    name = run_name(config, fingerprint)
     train = replace_flat(train, name=name)
     client = _client(train)
     done = finished_sweep(client, train, name) if args.sweep else finished_training(client, train, name)
@@ -265,7 +247,7 @@ def stage_register(config: PipelineConfig, run_id: str) -> dict[str, Any]:
 
     train = config.train
     client = _client(train)
-    name = config.pipeline.register_as or registry.default_name(config.pipeline.dataset)
+    name = config.pipeline.register_as or registry.default_name(config.conversion.dataset)
     existing = (
         client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
         if _model_exists(client, name)
@@ -358,7 +340,7 @@ def run(config: PipelineConfig) -> dict:
     args, train = config.pipeline, config.train
     # One Ray for every stage, sized for the largest (a cluster has its own resources).
     init_ray(train.run.address, num_cpus=local_cpus(config))
-    converted = stage_preprocess(args, train.run.address)
+    converted = stage_preprocess(config, train.run.address)
     trained, run_id = stage_train(config, converted["fingerprint"])
     registered = stage_register(config, run_id)
     promoted = stage_promote(config, registered) if args.promote else None
@@ -367,7 +349,7 @@ def run(config: PipelineConfig) -> dict:
         "tune" if args.sweep else "train": trained,
         "register": registered,
         "promote": promoted,
-        "config": {**to_dict(args), "name": trained["name"]},
+        "config": {**to_dict(config.conversion), **to_dict(args), "name": trained["name"]},
     }
 
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs._config import opt, parse_config, to_dict
+from jobs._config import component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from pipeline.convert import convert
@@ -21,8 +21,8 @@ log = logging.getLogger("jobs.preprocess")
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
-    """Convert a dataset in its official layout to sharded Parquet with a manifest."""
+class ConversionArgs:
+    """Which dataset to convert, from where, to where, and how its images are stored."""
 
     dataset: Literal["coco", "voc", "nuswide"] = opt("coco", "which dataset layout to read")
     root: str = opt("", "folder holding the dataset in its official layout")
@@ -30,14 +30,6 @@ class PreprocessConfig:
     max_side: int = opt(512, "longer side of stored images; larger images are downscaled")
     quality: int = opt(90, "JPEG quality of re-encoded images")
     rows_per_shard: int = opt(1000, "maximum rows per Parquet file")
-    splits: tuple[str, ...] = opt(
-        ("train", "val"), "comma-separated splits to convert; a dataset already there keeps its other splits"
-    )
-    allow_shrink: bool = opt(
-        False,
-        "replace a committed dataset even if this conversion has under half of its rows (of these splits)",
-    )
-    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self):
         if not self.root:
@@ -47,14 +39,37 @@ class PreprocessConfig:
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard must be positive, got {self.rows_per_shard}")
 
+    @property
+    def uri(self) -> str:
+        """Where the converted dataset lands: ``<out>/<dataset>``."""
+        return f"{self.out.rstrip('/')}/{self.dataset}"
+
+    def image_settings(self) -> ImageSettings:
+        return ImageSettings(max_side=self.max_side, quality=self.quality)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Convert a dataset in its official layout to sharded Parquet with a manifest."""
+
+    conversion: ConversionArgs = component(ConversionArgs)
+    splits: tuple[str, ...] = opt(
+        ("train", "val"), "comma-separated splits to convert; a dataset already there keeps its other splits"
+    )
+    allow_shrink: bool = opt(
+        False,
+        "replace a committed dataset even if this conversion has under half of its rows (of these splits)",
+    )
+    address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
+
 
 def run(config: PreprocessConfig) -> dict:
-    settings = ImageSettings(max_side=config.max_side, quality=config.quality)
-    index = read_index(config.dataset, config.root, config.splits)
+    conversion = config.conversion
+    index = read_index(conversion.dataset, conversion.root, config.splits)
     counts = index.count()
     log.info(
         "%s (%s): %d classes; %s images to convert; %d annotation rejects; empty %s",
-        config.dataset,
+        conversion.dataset,
         index.layout,
         len(index.classes),
         counts,
@@ -63,7 +78,11 @@ def run(config: PreprocessConfig) -> dict:
     )
     init_ray(config.address)
     summary = convert(
-        index, config.out, settings, rows_per_shard=config.rows_per_shard, allow_shrink=config.allow_shrink
+        index,
+        conversion.out,
+        conversion.image_settings(),
+        rows_per_shard=conversion.rows_per_shard,
+        allow_shrink=config.allow_shrink,
     )
     for reject in summary.reject_examples:
         log.warning("rejected %s: %s (%s)", reject["source_path"], reject["reason"], reject["detail"])

@@ -7,6 +7,7 @@ import pytest
 import s3fs
 
 from jobs import preprocess
+from jobs._config import from_flat
 from pipeline.dataset import load_manifest, read_split
 from pipeline.storage import resolve
 
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.integration
 def test_preprocess_to_s3_and_read_back(ray_local, s3_bucket, s3_server, synthetic_root):
     root, truth = synthetic_root("voc")
     out = f"s3://{s3_bucket}/datasets"
-    config = preprocess.PreprocessConfig(
-        dataset="voc", root=str(root), out=out, rows_per_shard=10, max_side=160
+    config = from_flat(
+        preprocess.PreprocessConfig,
+        {"dataset": "voc", "root": str(root), "out": out, "rows_per_shard": 10, "max_side": 160},
     )
     result = preprocess.run(config)
     assert result["rows"] == {"train": len(truth.rows("train")), "val": len(truth.rows("val"))}
