@@ -30,7 +30,7 @@ from mltr.config import ModelArgs, OptimConfig, ScalingArgs
 from mltr.errors import ConfigError
 from mltr.model import MlTrConfig
 from mltr.train import epoch_batches, label_frequency_baseline
-from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer
+from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer, trained_result
 from pipeline.dataset import CalibSplit, Manifest, load_manifest, plan_calibration
 from pipeline.ingest import AugmentConfig, IngestConfig, build_dataset, multi_hot
 from pipeline.storage import resolve as resolve_storage
@@ -386,8 +386,16 @@ def run(config: TrainConfig) -> dict:
     try:
         train_run, client = start(resolved)
         with tracking.run_outcome(client, train_run.mlflow_run_id):
-            trainer = build_trainer(train_run)
-            return report(resolved, train_run, client, trainer.fit())
+            result = trained_result(train_run, client)
+            if result is not None:
+                log.info(
+                    "run %s: its checkpoints hold all %d epochs; finishing it",
+                    train_run.name,
+                    config.optim.epochs,
+                )
+            else:
+                result = build_trainer(train_run).fit()
+            return report(resolved, train_run, client, result)
     finally:
         withdraw_resource_request()  # nodes --wait-for-resources asked for may leave once idle
 

@@ -326,6 +326,15 @@ def select(
 # --- the loop -----------------------------------------------------------------------------------------
 
 
+def log_start(client: MlflowClient, run_id: str, history: list[dict[str, Any]], start_epoch: int) -> None:
+    """What a start of the run logs before it trains: the epochs its checkpoint holds that MLflow
+    lacks (the worker died between the two, or the store is new), then where it starts (0, then
+    the epoch after each checkpoint it resumed from)."""
+    for record in history:
+        tracking.log_epoch(client, run_id, record["epoch"], record["metrics"])
+    client.log_metric(run_id, START_EPOCH_KEY, start_epoch, step=start_epoch)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker; ``loop_config["loop"]`` is a :class:`LoopConfig`."""
     cfg: LoopConfig = loop_config["loop"]
@@ -370,11 +379,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     client = MlflowClient(cfg.mlflow_uri) if rank == 0 else None
     if client is not None:
-        # Epochs checkpointed but not logged (the worker died in between) are logged now.
-        for record in history:
-            tracking.log_epoch(client, cfg.mlflow_run_id, record["epoch"], record["metrics"])
-        # Where each start of the loop began (0, then the epoch after each checkpoint it resumed).
-        client.log_metric(cfg.mlflow_run_id, START_EPOCH_KEY, start_epoch, step=start_epoch)
+        log_start(client, cfg.mlflow_run_id, history, start_epoch)
 
     # The train split is one stream of all the epochs (see pipeline.ingest), read by one iterator
     # and cut into epochs by batch count; after a restart it starts again from its first pass.

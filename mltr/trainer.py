@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 import ray.data
 import ray.train
+from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
+from mltr import tracking
 from mltr.config import OptimConfig, ScalingArgs
 from mltr.model import MlTrConfig
 from mltr.train import SELECTION_METRIC, LoopConfig, train_loop_per_worker
@@ -130,6 +133,31 @@ def build_trainer(run: TrainRun, callbacks: Sequence[Any] = ()) -> TorchTrainer:
         datasets=dict(run.data.datasets),
         dataset_config=SplitDataConfig(equal=("train",)),
     )
+
+
+def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | None:
+    """The Train run's result when its checkpoints already hold every epoch, else ``None``.
+
+    A run that failed after training (its model could not be logged) or whose MLflow store was
+    lost has nothing left to train: the driver logs what the loop would log at such a start (the
+    epochs MLflow lacks, where it started) and no worker group is started.
+    """
+    from mltr.checkpoint import STATE_FILE, TrainState
+    from mltr.train import log_start
+
+    path = f"{run.storage_path.rstrip('/')}/{run.name}"
+    try:
+        result = ray.train.Result.from_path(path, storage_filesystem=run.storage_filesystem)
+    except RuntimeError:  # no run of that name there yet, or none of its checkpoints registered
+        return None
+    if result.checkpoint is None or int((result.metrics or {}).get("epoch", -1)) + 1 < run.optim.epochs:
+        return None
+    history: list = []
+    if set(range(run.optim.epochs)) - set(tracking.logged_epochs(client, run.mlflow_run_id)):
+        with result.checkpoint.as_directory() as folder:
+            history = TrainState.load(Path(folder) / STATE_FILE).history
+    log_start(client, run.mlflow_run_id, history, run.optim.epochs)
+    return result
 
 
 def best_checkpoint(result: ray.train.Result) -> ray.train.Checkpoint:

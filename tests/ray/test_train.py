@@ -230,6 +230,12 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     )
     assert failed.info.status == "FAILED"
     monkeypatch.undo()
+
+    # From here on its checkpoints hold every epoch: finishing it starts no Train worker group.
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a run whose checkpoints hold every epoch started Train workers")
+
+    monkeypatch.setattr(train_job, "build_trainer", no_workers)
     warm = train_job.run(warm_config)
     assert warm["mlflow_run_id"] == failed.info.run_id != run_id and warm["epochs"] == 1
     assert client.get_run(failed.info.run_id).info.status == "FINISHED"
