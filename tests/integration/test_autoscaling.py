@@ -128,7 +128,7 @@ class Started(Exception):
 
 def instead_of_training(train_run, **kwargs):
     time.sleep(10)
-    print(json.dumps(ray.cluster_resources()), flush=True)
+    print("resources", json.dumps(ray.cluster_resources()), flush=True)
     raise Started
 
 setup_logging()
@@ -166,7 +166,8 @@ def test_a_run_waits_for_the_autoscaler_to_add_what_it_needs_then_lets_it_go(
     assert started.returncode == 0, started.stderr[-3000:]
     assert "waiting up to 240s for its autoscaler" in started.stderr
     # Added by the autoscaler (2-CPU nodes), and kept while the run held its request.
-    resources = json.loads(started.stdout.strip().splitlines()[-1])
+    (line,) = [line for line in started.stdout.splitlines() if line.startswith("resources ")]
+    resources = json.loads(line.split(" ", 1)[1])
     assert resources["CPU"] >= 4, resources
     assert external_listeners(head.pid) == set()
 
