@@ -25,9 +25,10 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from mltr import tracking
+from mltr.checkpoint import STATE_FILE, TrainState
 from mltr.config import OptimConfig, ScalingArgs
 from mltr.model import MlTrConfig
-from mltr.train import SELECTION_METRIC, LoopConfig, train_loop_per_worker
+from mltr.train import SELECTION_METRIC, LoopConfig, log_start, train_loop_per_worker
 
 # Datasets a run reads: the training stream, the calibration slice of train, and val (reported only).
 DATASETS = ("train", "calib", "val")
@@ -142,9 +143,6 @@ def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | No
     lost has nothing left to train: the driver logs what the loop would log at such a start (the
     epochs MLflow lacks, where it started) and no worker group is started.
     """
-    from mltr.checkpoint import STATE_FILE, TrainState
-    from mltr.train import log_start
-
     path = f"{run.storage_path.rstrip('/')}/{run.name}"
     try:
         result = ray.train.Result.from_path(path, storage_filesystem=run.storage_filesystem)
