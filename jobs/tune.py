@@ -427,9 +427,8 @@ def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> di
         # A local Ray holds --max-concurrent-trials trials (one by default), with more logical CPUs
         # than cores as for jobs.train; a cluster has its own resources.
         init_ray(train.run.address, num_cpus=local_cpus(config))
-        wanted = (
-            config.sweep.max_concurrent_trials or 1
-        )  # at least one trial's worth, on an autoscaling cluster
+        # On an autoscaling cluster: wait for --max-concurrent-trials trials' worth (at least one).
+        wanted = config.sweep.max_concurrent_trials or 1
         bundles = (train_job.run_bundles(train) + [{"CPU": DRIVER_CPU}]) * wanted
         max_concurrent = concurrency(
             config, train, wait_for_resources(bundles, train.scaling.wait_for_resources)
