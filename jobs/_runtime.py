@@ -148,21 +148,28 @@ def run_job(name: str, body: Callable[[], dict | None]) -> int:
     """Run a job body: print its result as one JSON line, the last line of the output.
 
     A :class:`~mltr.errors.MltrError` (bad flags or input) exits 2 with one line; Ctrl-C exits 130
-    with one line; any other exception is a bug and keeps its traceback (exit 1).
+    with one line; either line is the last of the output. Any other exception is a bug and keeps
+    its traceback (exit 1).
     """
     ray_before = _ray_initialized()
+
+    def disconnect() -> None:
+        # Ray prints its workers' deduplicated log lines ("[repeated 3x across cluster]") when it
+        # disconnects: a job that connected disconnects first, so its own line stays the last.
+        if not ray_before and _ray_initialized():
+            sys.modules["ray"].shutdown()
+
     try:
         result = body()
     except MltrError as exc:
+        disconnect()
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        disconnect()
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    # Ray prints its workers' deduplicated log lines ("[repeated 3x across cluster]") when it
-    # disconnects: a job that connected disconnects first, so the result stays the last line.
-    if not ray_before and _ray_initialized():
-        sys.modules["ray"].shutdown()
+    disconnect()
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0
