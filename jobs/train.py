@@ -30,7 +30,7 @@ from mltr.config import ModelArgs, OptimConfig, ScalingArgs
 from mltr.errors import ConfigError
 from mltr.model import MlTrConfig
 from mltr.train import epoch_batches, label_frequency_baseline
-from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer, trained_result
+from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer, fit, trained_result
 from pipeline.dataset import CalibSplit, Manifest, load_manifest, plan_calibration
 from pipeline.ingest import AugmentConfig, IngestConfig, build_dataset, multi_hot
 from pipeline.storage import resolve as resolve_storage
@@ -394,7 +394,7 @@ def run(config: TrainConfig) -> dict:
                     config.optim.epochs,
                 )
             else:
-                result = build_trainer(train_run).fit()
+                result = fit(build_trainer(train_run))
             return report(resolved, train_run, client, result)
     finally:
         withdraw_resource_request()  # nodes --wait-for-resources asked for may leave once idle

@@ -40,7 +40,7 @@ from mltr.errors import ConfigError
 from mltr.losses import LOSSES
 from mltr.sweep import FAILED, FINISHED, INTERRUPTED, STOPPED, TrialRecord
 from mltr.train import EPOCHS_DONE_KEY, SELECTION_METRIC
-from mltr.trainer import build_trainer
+from mltr.trainer import build_trainer, fit
 from pipeline.storage import resolve as resolve_storage
 
 log = logging.getLogger("jobs.tune")
@@ -126,7 +126,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     train_run, client = train_job.start(resolved, parent_run_id=ctx.parent_run_id, tags={TRIAL_TAG: trial_id})
     with tracking.run_outcome(client, train_run.mlflow_run_id):
         trainer = build_trainer(train_run, callbacks=[TuneReportCallback()])
-        train_job.report(resolved, train_run, client, trainer.fit())
+        train_job.report(resolved, train_run, client, fit(trainer))
 
 
 def _trial_name(trial) -> str:

@@ -20,3 +20,8 @@ class MltrError(Exception):
 
 class ConfigError(MltrError, ValueError):
     """A setting, flag or input file that cannot work (a ``ValueError`` too, for library callers)."""
+
+
+class TrainingDiverged(MltrError, FloatingPointError):
+    """The training loss stopped being a number: the learning rate (or the lack of clipping) is the
+    user's to change. Raised by a Train worker; :func:`mltr.trainer.fit` raises it on the driver."""

@@ -11,6 +11,8 @@ Conventions, the same for every function here:
 * Class-averaged figures (mAP, CP, CR) average over the classes that have at least one positive
   (non-ignored) entry; a class without positives has AP NaN and is left out.
 * Every figure is a fraction in [0, 1].
+* Scores that are NaN are refused (as scikit-learn does): they have no rank, and a model that
+  returns them would otherwise score the label frequencies of its ties.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mltr.errors import ConfigError
 
 # Classes are processed in groups of this many columns so the sorted copies stay small.
 _CLASS_CHUNK = 16
@@ -45,6 +49,12 @@ def _prepare(
         raise ValueError(
             f"scores, targets and ignore must be (N, K) of one shape: {tuple(scores.shape)}, "
             f"{tuple(positive.shape)}, {tuple(valid.shape)}"
+        )
+    nan = int(torch.isnan(scores).sum()) if scores.is_floating_point() else 0
+    if nan:
+        raise ConfigError(
+            f"{nan} of {scores.numel()} scores are NaN: the model's outputs are not numbers "
+            f"(did its training diverge?), and cannot be ranked"
         )
     return scores, positive & valid, valid
 

@@ -45,6 +45,7 @@ from mltr.checkpoint import (
     save_checkpoint,
 )
 from mltr.config import OptimConfig
+from mltr.errors import TrainingDiverged
 from mltr.losses import build_loss
 from mltr.metrics import MetricAccumulator, MetricResult, best_f1_thresholds, mean_average_precision
 from mltr.model import MlTr, MlTrConfig, normalize
@@ -222,6 +223,8 @@ def forward_backward(
 
     ``sync=False`` on the micro-batches before the last of an accumulation: a DDP model then skips
     its gradient all-reduce (``no_sync``), which the last micro-batch does for all of them.
+    A loss that is not a number raises :class:`~mltr.errors.TrainingDiverged` before any step
+    takes it: a diverged run fails, rather than train on and be scored.
     """
     skip = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if skip else contextlib.nullcontext():
@@ -233,7 +236,12 @@ def forward_backward(
             / accumulate
         )
         loss.backward()
-    return loss.item() * accumulate
+    value = loss.item() * accumulate  # after backward: the host waits for it once the step is queued
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"the training loss is {value}: training diverged; lower --lr, or pass --grad-clip"
+        )
+    return value
 
 
 def optimizer_step(
@@ -404,7 +412,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             wait += time.perf_counter() - fetch
             step = (i + 1) % opt.accumulate == 0 or i + 1 == batches  # every epoch ends with a step
-            loss_sum += forward_backward(model, criterion, batch, device, opt.accumulate, sync=step)
+            try:
+                loss_sum += forward_backward(model, criterion, batch, device, opt.accumulate, sync=step)
+            except TrainingDiverged as exc:  # where, and at which learning rate
+                lr = optimizer.param_groups[0]["lr"]
+                raise TrainingDiverged(
+                    f"epoch {epoch + 1} of {opt.epochs}, batch {i + 1}, lr {lr:.3g}: {exc}"
+                ) from None
             if step:
                 optimizer_step(model, optimizer, scheduler, ema, opt.grad_clip)
             seen += batch["image"].shape[0]

@@ -2,7 +2,7 @@
 
     run = TrainRun(name, model=MlTrConfig, optim=OptimConfig, data=DataPlan, scaling=ScalingArgs,
                    storage_path=..., mlflow_uri=..., mlflow_run_id=...)
-    result = build_trainer(run).fit()
+    result = fit(build_trainer(run))
     best = best_checkpoint(result)           # ranked by the calibration split's mAP
 
 Everything here is resolved on the driver: the model config, the datasets (built by the caller
@@ -22,11 +22,13 @@ import pyarrow.fs as pafs
 import ray.data
 import ray.train
 from mlflow.tracking import MlflowClient
+from ray.train import WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from mltr import tracking
 from mltr.checkpoint import STATE_FILE, TrainState
 from mltr.config import OptimConfig, ScalingArgs
+from mltr.errors import TrainingDiverged
 from mltr.model import MlTrConfig
 from mltr.train import SELECTION_METRIC, LoopConfig, log_start, train_loop_per_worker
 
@@ -134,6 +136,21 @@ def build_trainer(run: TrainRun, callbacks: Sequence[Any] = ()) -> TorchTrainer:
         datasets=dict(run.data.datasets),
         dataset_config=SplitDataConfig(equal=("train",)),
     )
+
+
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``; a worker's :class:`~mltr.errors.TrainingDiverged` is raised as itself.
+
+    Ray Train reports a worker's exception inside a ``WorkerGroupError`` (a traceback: a bug, to a
+    job). A run that diverged is the user's to fix: the job prints it as one line and exits 2.
+    """
+    try:
+        return trainer.fit()
+    except WorkerGroupError as exc:
+        diverged = [e for e in exc.worker_failures.values() if isinstance(e, TrainingDiverged)]
+        if not diverged:
+            raise
+        raise diverged[0] from exc
 
 
 def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | None:

@@ -26,7 +26,7 @@ from jobs import tune
 from jobs._config import opt, parse_config, replace_flat, to_dict
 from jobs._runtime import init_ray
 from mltr.sweep import FINISHED
-from mltr.trainer import build_trainer
+from mltr.trainer import build_trainer, fit
 from pipeline.convert import convert
 from pipeline.readers import read_index
 from pipeline.synthetic import DEMO_CLASSES, generate
@@ -56,7 +56,7 @@ def back_to_back(config: BenchTuneConfig, resolved: train_job.Resolved) -> list[
             started = time.perf_counter()
             trial_resolved = dataclasses.replace(resolved, config=trial, model=model)
             run, client = train_job.start(trial_resolved)
-            train_job.report(trial_resolved, run, client, build_trainer(run).fit())
+            train_job.report(trial_resolved, run, client, fit(build_trainer(run)))
             times.append(time.perf_counter() - started)
             print(f"back to back: window {window}, {loss}: {times[-1]:.1f} s", flush=True)
     return times

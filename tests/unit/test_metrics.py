@@ -193,3 +193,15 @@ def test_accumulator_rejects_bad_input():
         acc.update(torch.zeros(2, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="one shape"):
         acc.update(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_nan_scores_are_refused_not_ranked():
+    scores, targets, _ = make(0, tied=False)
+    scores[3, 1] = scores[7, 4] = np.nan  # a model whose outputs went NaN
+    with pytest.raises(ValueError, match="Input contains NaN"):  # the reference refuses them too
+        average_precision_score(targets[:, 1], scores[:, 1])
+    for metric in (mean_average_precision, best_f1_thresholds):
+        with pytest.raises(
+            ValueError, match=rf"2 of {N * K} scores are NaN: the model's outputs are not numbers"
+        ):
+            metric(scores, targets)

@@ -1,11 +1,16 @@
 """Pieces of the training loop as pure functions (no Ray)."""
 
+import math
+import pickle
+
 import numpy as np
 import pytest
 import torch
+from ray.train import WorkerGroupError
 from sklearn.metrics import precision_recall_curve
 
 from mltr.config import ModelArgs, OptimConfig, ScalingArgs
+from mltr.errors import MltrError, TrainingDiverged
 from mltr.losses import build_loss
 from mltr.model import IMAGENET_MEAN, IMAGENET_STD, MlTrConfig, create_model, normalize
 from mltr.train import (
@@ -19,6 +24,7 @@ from mltr.train import (
     optimizer_steps,
     param_groups,
 )
+from mltr.trainer import fit
 
 pytestmark = pytest.mark.unit
 
@@ -197,6 +203,43 @@ def test_accumulating_two_micro_batches_is_one_step_on_the_doubled_batch():
     assert whole.keys() == halves.keys()
     for key in whole:
         torch.testing.assert_close(halves[key], whole[key], atol=1e-6, rtol=1e-4)
+
+
+def test_a_loss_that_is_not_a_number_stops_training_with_an_error_the_user_fixes():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=generator)
+    batch = batch_of(images, (torch.rand(4, 5, generator=generator) < 0.3).float())
+    model, criterion = create_model("mltr_tiny", num_classes=5), build_loss("asl")
+    assert math.isfinite(forward_backward(model, criterion, batch, torch.device("cpu"), 1))
+    # A learning rate far too large: the step leaves weights that are not numbers.
+    optimizer_step(model, torch.optim.SGD(model.parameters(), lr=math.inf), None, None, grad_clip=0)
+    with pytest.raises(
+        TrainingDiverged, match="the training loss is nan: training diverged; lower --lr"
+    ) as info:
+        forward_backward(model, criterion, batch, torch.device("cpu"), 1)
+    assert isinstance(info.value, MltrError)  # a job prints it as one line, exit status 2
+    # It reaches the driver pickled, as Ray sends a worker's exception: same type, same line.
+    sent = pickle.loads(pickle.dumps(info.value))
+    assert type(sent) is TrainingDiverged and str(sent) == str(info.value)
+
+
+class FailedWorkers:
+    """A trainer whose workers failed: ``fit`` raises what Ray Train raises for them."""
+
+    def __init__(self, *failures: Exception):
+        self.failures = dict(enumerate(failures))
+
+    def fit(self):
+        raise WorkerGroupError("training failed", self.failures)
+
+
+def test_fit_raises_a_workers_divergence_as_itself_and_any_other_failure_as_ray_reports_it():
+    diverged = TrainingDiverged("epoch 1 of 2, batch 3, lr 4: the training loss is nan")
+    with pytest.raises(TrainingDiverged) as info:
+        fit(FailedWorkers(RuntimeError("rank 0 waited on rank 1"), diverged))
+    assert info.value is diverged and isinstance(info.value.__cause__, WorkerGroupError)
+    with pytest.raises(WorkerGroupError):
+        fit(FailedWorkers(RuntimeError("a bug"), RuntimeError("a bug")))
 
 
 def test_clipping_bounds_the_gradient_norm_of_the_step():
