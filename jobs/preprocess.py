@@ -13,7 +13,7 @@ from typing import Literal
 from jobs._config import component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
-from pipeline.convert import convert
+from pipeline.convert import convert, output_root
 from pipeline.images import ImageSettings
 from pipeline.readers import read_index
 
@@ -65,6 +65,7 @@ class PreprocessConfig:
 
 def run(config: PreprocessConfig) -> dict:
     conversion = config.conversion
+    output_root(conversion.out)  # a bad --out or an unreachable store: refused before anything is read
     index = read_index(conversion.dataset, conversion.root, config.splits)
     counts = index.count()
     log.info(

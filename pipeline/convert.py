@@ -193,6 +193,17 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def output_root(out: str) -> Location:
+    """``--out``, checked: a folder (or s3:// prefix), and for object storage a store that answers.
+
+    No Ray is needed: a job checks its output here before it starts or joins a cluster.
+    """
+    root = resolve(out)
+    if root.is_file():  # on s3://, the first request: an unreachable store is named here
+        raise ConfigError(f"--out {root.uri} is a file: give the folder (or s3:// prefix) datasets go into")
+    return root
+
+
 def convert(
     index: DatasetIndex,
     out: str,
@@ -213,10 +224,7 @@ def convert(
     settings = settings or ImageSettings()
     if rows_per_shard < 1:
         raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
-    root = resolve(out)
-    if root.is_file():
-        raise ConfigError(f"--out {root.uri} is a file: give the folder (or s3:// prefix) datasets go into")
-    location = root.join(index.name)
+    location = output_root(out).join(index.name)
     with Lease(location, f"converting {index.name} from {index.root}", ttl=lease_ttl):
         return _convert(index, location, settings, rows_per_shard, num_blocks, allow_shrink)
 

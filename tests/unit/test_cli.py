@@ -99,6 +99,7 @@ def test_an_out_that_is_a_file_or_an_unreachable_object_store_is_one_line(tmp_pa
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"--out {tmp_path / 'file'} is a file" in proc.stderr
+    assert "Ray" not in proc.stderr  # refused before a local Ray was started for the conversion
 
     from tests.conftest import free_port
 
@@ -111,3 +112,4 @@ def test_an_out_that_is_a_file_or_an_unreachable_object_store_is_one_line(tmp_pa
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"the object store at {endpoint} refused or could not be reached" in proc.stderr
+    assert "Ray" not in proc.stderr
