@@ -143,6 +143,33 @@ def make_scheduler(
     )
 
 
+def restore_schedule(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any], steps_done: int
+) -> None:
+    """Load a checkpoint's schedule (after its optimizer): the same schedule continues where it stopped.
+
+    A run whose schedule is not its checkpoint's (extended with more epochs, or resumed on another
+    number of workers) continues on its own at ``steps_done``, the steps its finished epochs take in
+    this run's shape, as a schedule defined over epochs does (timm's). An extended run's learning
+    rate goes back to where the longer OneCycle is at that point and anneals to the new end,
+    rather than staying at the finished schedule's final rate (the peak / 25e4).
+    """
+    total = getattr(scheduler, "total_steps", None)
+    if total is None or state.get("total_steps") == total:
+        scheduler.load_state_dict(state)
+        return
+    # This run's schedule at the step before (with the checkpoint's step count, so torch sees a
+    # scheduler that has stepped before); one step on sets the optimizer's rates.
+    scheduler.load_state_dict(
+        {
+            **scheduler.state_dict(),
+            "last_epoch": min(steps_done, total) - 1,
+            "_step_count": state["_step_count"],
+        }
+    )
+    scheduler.step()
+
+
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
     module = unwrap(model)
     return torch.optim.swa_utils.AveragedModel(
@@ -376,7 +403,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             unwrap(model).load_state_dict(load_checkpoint(Path(folder) / MODEL_FILE)["state_dict"])
         ema.load_state_dict(state.ema)
         optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
+        done = optimizer_steps(cfg.train_rows, world, opt.batch_size, opt.accumulate, state.epoch + 1)
+        restore_schedule(scheduler, state.scheduler, done)
         scaler.load_state_dict(state.scaler)
         if not restore_rng_state(state.rng, rank, opt.seed) and rank == 0:
             log.info("the checkpoint holds RNG states for %d workers; the others start fresh", len(state.rng))

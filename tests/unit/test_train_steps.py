@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from mltr.train import (
     optimizer_step,
     optimizer_steps,
     param_groups,
+    restore_schedule,
 )
 from mltr.trainer import fit
 
@@ -278,3 +280,47 @@ def test_a_restored_schedule_continues_where_it_stopped():
     assert rates(5) == pytest.approx(uninterrupted)
     # The peak after a warm-up of 25% of the 12 steps.
     assert max(uninterrupted) == pytest.approx(0.1) and uninterrupted.index(max(uninterrupted)) == 2
+
+
+def test_an_extended_run_continues_on_its_longer_schedule_at_the_step_reached():
+    model = torch.nn.Linear(2, 1)
+
+    def step(optimizer, scheduler):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer_step(model, optimizer, scheduler, None, grad_clip=1.0)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, 0.1, 12, warmup=0.25)
+    finished = []
+    for _ in range(12):  # the finished run: its last step at the final rate
+        finished.append(optimizer.param_groups[0]["lr"])
+        step(optimizer, scheduler)
+    assert finished[-1] < 1e-5
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    # Extended to 16 steps: built for 16, then the checkpoint's states loaded as the loop does.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, 0.1, 16, warmup=0.25)
+    optimizer.load_state_dict(state["optimizer"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler.step() before optimizer.step()" and the like
+        restore_schedule(scheduler, state["scheduler"], steps_done=12)
+    extended = []
+    for _ in range(4):
+        extended.append(optimizer.param_groups[0]["lr"])
+        step(optimizer, scheduler)
+
+    # The rates of a 16-step schedule from its step 12 on, annealing to its end.
+    fresh = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    reference = make_scheduler(fresh, 0.1, 16, warmup=0.25)
+    for _ in range(12):
+        fresh.step()
+        reference.step()
+    expected = []
+    for _ in range(4):
+        expected.append(fresh.param_groups[0]["lr"])
+        fresh.step()
+        reference.step()
+    assert extended == pytest.approx(expected)
+    assert extended[0] > 0.01 and extended == sorted(extended, reverse=True)
+    assert extended[-1] < 1e-5  # the longer schedule's own end
