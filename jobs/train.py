@@ -193,15 +193,21 @@ def decode_actors(config: TrainConfig, cluster_cpus: float) -> int:
     return max(1, math.floor(cluster_cpus) - train_cpus(config.scaling) - EVAL_CPUS)
 
 
-def run_bundles(config: TrainConfig) -> list[dict[str, float]]:
-    """What a run places on the cluster: a bundle per Train worker, a CPU per decode actor (at
-    least one: by default they take what the cluster has left), the CPU for evaluation."""
+def run_bundles(config: TrainConfig, actors: int | None = None) -> list[dict[str, float]]:
+    """What a run places on the cluster: a bundle per Train worker, a CPU per decode actor
+    (``actors``, else ``--decode-actors``, else at least one: by default they take what the
+    cluster has left), the CPU for evaluation."""
     scaling = config.scaling
     return (
         [scaling.resources_per_worker()] * scaling.num_workers
-        + [{"CPU": 1.0}] * (config.data.decode_actors or 1)
+        + [{"CPU": 1.0}] * (actors or config.data.decode_actors or 1)
         + [{"CPU": float(EVAL_CPUS)}]
     )
+
+
+def run_cpus(config: TrainConfig, actors: int | None = None) -> float:
+    """The CPUs of :func:`run_bundles`: what a run needs of the cluster, and a sweep of each trial."""
+    return sum(bundle.get("CPU", 0.0) for bundle in run_bundles(config, actors))
 
 
 def grow_hint(scaling: ScalingArgs) -> str:
@@ -211,12 +217,13 @@ def grow_hint(scaling: ScalingArgs) -> str:
     return "add nodes, or on an autoscaling cluster pass --wait-for-resources SECONDS"
 
 
-def check_resources(scaling: ScalingArgs, actors: int) -> None:
+def check_resources(config: TrainConfig, actors: int) -> None:
     """Fail fast when the cluster cannot place the workers and the decode actors."""
     import ray
 
+    scaling = config.scaling
     total = ray.cluster_resources()
-    need_cpu = train_cpus(scaling) + actors + EVAL_CPUS
+    need_cpu = run_cpus(config, actors)
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
             f"the cluster has {total.get('CPU', 0):g} CPUs; {scaling.num_workers} workers x "
@@ -268,7 +275,7 @@ def start(
     init_ray(config.run.address, num_cpus=local_cpus(config))
     resources = wait_for_resources(run_bundles(config), config.scaling.wait_for_resources)
     actors = decode_actors(config, resources.get("CPU", 0))
-    check_resources(config.scaling, actors)
+    check_resources(config, actors)
     data = data_plan(resolved, actors)
 
     workdir = Path(config.run.workdir).resolve()

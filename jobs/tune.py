@@ -141,12 +141,7 @@ def local_cpus(config: SweepConfig) -> int:
 
 def trial_cpus(train: train_job.TrainConfig) -> float:
     """CPUs one trial occupies: its Train workers, its decode actors, one for evaluation, its driver."""
-    return (
-        train_job.train_cpus(train.scaling)
-        + (train.data.decode_actors or 1)
-        + train_job.EVAL_CPUS
-        + DRIVER_CPU
-    )
+    return train_job.run_cpus(train) + DRIVER_CPU
 
 
 def concurrency(config: SweepConfig, train: train_job.TrainConfig, resources: dict[str, float]) -> int:
