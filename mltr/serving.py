@@ -40,11 +40,9 @@ IMAGE_COLUMN, PATH_COLUMN = "image", "path"
 # row has neither (None when it has them).
 OUTPUT_COLUMNS = ("labels", "scores", "error")
 MODEL_INFO_FILE = "model_info.json"  # the pyfunc artifact with classes, thresholds and input contract
-MAX_IMAGE_BYTES = 64 * 2**20
+MAX_IMAGE_BYTES = 64 * 2**20  # the most bytes read of one image: a huge file is an error, not an OOM
 # torchvision prefixes "<function>, <source file>:<line>, " to the decoder's message.
-TORCHVISION_PREFIX = re.compile(
-    r"^\w+, \S+:\d+, "
-)  # the most bytes read of one image: a huge file is an error, not an OOM
+TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
 
 
 class ImageError(ValueError):

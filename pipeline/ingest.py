@@ -58,19 +58,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
-import torch
 from pyarrow.fs import FileSystem
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from mltr.errors import ConfigError
-from mltr.serving import TORCHVISION_PREFIX
 from pipeline.convert import ROW_GROUP_SIZE
 from pipeline.dataset import Manifest, RowFilter
 
-# torchvision is imported where images are decoded: importing it costs about a second (it brings
-# torch._dynamo in, via torchvision.models) to every driver that only builds datasets.
+# torch and torchvision are imported where images are decoded. torch costs ~1.5 s of CPU to
+# import, torchvision another second (it brings torch._dynamo in, via torchvision.models). Ray
+# Data's coordinators unpickle this module's functions without running them, as does a driver
+# that only builds datasets; three coordinators per Train run would otherwise pay it each.
 if TYPE_CHECKING:
+    import torch
     from torchvision.transforms import v2
 
 # Columns the map needs; image_id only names a bad image in the error (and is kept if asked).
@@ -188,7 +189,10 @@ def image_seed(seed: int, image_id: str) -> int:
 
 def decode_images(data: list[bytes] | np.ndarray, image_ids: list[str] | np.ndarray) -> list[torch.Tensor]:
     """Decode JPEG bytes to RGB uint8 (3, H, W) tensors; a bad image raises with its id."""
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    from mltr.serving import TORCHVISION_PREFIX
 
     # A copy per image (a few tens of kB): decode_jpeg wants a writable tensor, bytes are read-only.
     tensors = [torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in data]
@@ -240,6 +244,8 @@ def transform_batch(batch: dict[str, np.ndarray], cfg: IngestConfig) -> dict[str
     Out: ``image`` uint8 (B, 3, S, S), ``targets`` float32 (B, C), ``ignore_mask`` bool (B, C),
     and ``image_id`` if ``cfg.keep_ids``.
     """
+    import torch
+
     data = batch["image"]
     n = len(data)
     ids = batch["image_id"] if "image_id" in batch else np.array([f"row {i}" for i in range(n)], dtype=object)
