@@ -41,6 +41,7 @@ from jobs._config import component, opt, parse_config, replace_flat, to_dict
 from jobs._models import TrackingArgs
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
+from pipeline.convert import output_root
 
 log = logging.getLogger("jobs.pipeline")
 
@@ -338,6 +339,7 @@ def local_cpus(config: PipelineConfig) -> int:
 
 def run(config: PipelineConfig) -> dict:
     args, train = config.pipeline, config.train
+    output_root(config.conversion.out)  # a bad --out or an unreachable store: refused before Ray starts
     # One Ray for every stage, sized for the largest (a cluster has its own resources).
     init_ray(train.run.address, num_cpus=local_cpus(config))
     converted = stage_preprocess(config, train.run.address)

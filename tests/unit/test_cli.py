@@ -113,3 +113,12 @@ def test_an_out_that_is_a_file_or_an_unreachable_object_store_is_one_line(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"the object store at {endpoint} refused or could not be reached" in proc.stderr
     assert "Ray" not in proc.stderr
+    # The whole pipeline, whose first stage converts there: refused the same way, before its Ray.
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--dataset", "voc", "--root", str(tmp_path / "src"),
+         "--out", "s3://bucket/datasets", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"the object store at {endpoint} refused or could not be reached" in proc.stderr
+    assert "Ray" not in proc.stderr
