@@ -250,8 +250,8 @@ def forward_backward(
 
     ``sync=False`` on the micro-batches before the last of an accumulation: a DDP model then skips
     its gradient all-reduce (``no_sync``), which the last micro-batch does for all of them.
-    A loss that is not a number raises :class:`~mltr.errors.TrainingDiverged` before any step
-    takes it: a diverged run fails, rather than train on and be scored.
+    A loss that is not a number is returned as it is: :func:`any_rank_diverged` decides, at the
+    step, with the other workers, and no step takes it.
     """
     skip = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if skip else contextlib.nullcontext():
@@ -263,12 +263,35 @@ def forward_backward(
             / accumulate
         )
         loss.backward()
-    value = loss.item() * accumulate  # after backward: the host waits for it once the step is queued
-    if not math.isfinite(value):
-        raise TrainingDiverged(
-            f"the training loss is {value}: training diverged; lower --lr, or pass --grad-clip"
-        )
-    return value
+    return loss.item() * accumulate  # after backward: the host waits for it once the step is queued
+
+
+def any_rank_diverged(finite: bool, device: torch.device) -> bool:
+    """Whether any worker's loss since the last step is not finite; every worker gets the same answer.
+
+    All stop at the same step: one that raised alone would leave the others waiting in their next
+    all-reduce until Ray Train tore the group down, and a worker's exception is a failure that
+    ``--max-failures`` retries, though a diverged run diverges again. The loop returns instead
+    (:func:`diverged`), and :func:`mltr.trainer.fit` raises it on the driver.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return not finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def diverged(epoch: int, epochs: int, batch: int, lr: float, loss: float) -> TrainingDiverged:
+    """What the loop returns when training diverged: where, at which learning rate, what to change."""
+    what = (
+        f"the training loss is {loss}"
+        if not math.isfinite(loss)
+        else "another worker's training loss is not a number"
+    )
+    return TrainingDiverged(
+        f"epoch {epoch + 1} of {epochs}, batch {batch + 1}, lr {lr:.3g}: {what}: training diverged; "
+        "lower --lr, or pass --grad-clip"
+    )
 
 
 def optimizer_step(
@@ -370,8 +393,12 @@ def log_start(client: MlflowClient, run_id: str, history: list[dict[str, Any]], 
     client.log_metric(run_id, START_EPOCH_KEY, start_epoch, step=start_epoch)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker; ``loop_config["loop"]`` is a :class:`LoopConfig`."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | None:
+    """Ray Train's entry point on every worker; ``loop_config["loop"]`` is a :class:`LoopConfig`.
+
+    Returns (on every worker, at the same step) a :class:`~mltr.errors.TrainingDiverged` when the
+    training loss stopped being a number: rank 0's is ``Result.return_value``.
+    """
     cfg: LoopConfig = loop_config["loop"]
     opt = cfg.optim
     train_ctx = ray.train.get_context()
@@ -431,6 +458,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         started, seen, loss_sum, wait = time.perf_counter(), 0, 0.0, 0.0
         batches = epoch_batches(cfg.train_rows, world, opt.batch_size, epoch)
         optimizer.zero_grad(set_to_none=True)
+        bad_loss = 0.0  # the first loss since the last step that is not a number, if any
         for i in range(batches):
             fetch = time.perf_counter()
             batch = next(train_stream, None)
@@ -440,14 +468,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             wait += time.perf_counter() - fetch
             step = (i + 1) % opt.accumulate == 0 or i + 1 == batches  # every epoch ends with a step
-            try:
-                loss_sum += forward_backward(model, criterion, batch, device, opt.accumulate, sync=step)
-            except TrainingDiverged as exc:  # where, and at which learning rate
-                lr = optimizer.param_groups[0]["lr"]
-                raise TrainingDiverged(
-                    f"epoch {epoch + 1} of {opt.epochs}, batch {i + 1}, lr {lr:.3g}: {exc}"
-                ) from None
+            value = forward_backward(model, criterion, batch, device, opt.accumulate, sync=step)
+            loss_sum += value
+            if not math.isfinite(value) and math.isfinite(bad_loss):
+                bad_loss = value
             if step:
+                if any_rank_diverged(math.isfinite(bad_loss), device):  # no step takes it
+                    return diverged(epoch, opt.epochs, i, optimizer.param_groups[0]["lr"], bad_loss)
                 optimizer_step(model, optimizer, scheduler, ema, opt.grad_clip)
             seen += batch["image"].shape[0]
         train_seconds = time.perf_counter() - started

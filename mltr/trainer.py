@@ -22,7 +22,6 @@ import pyarrow.fs as pafs
 import ray.data
 import ray.train
 from mlflow.tracking import MlflowClient
-from ray.train import WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from mltr import tracking
@@ -139,18 +138,16 @@ def build_trainer(run: TrainRun, callbacks: Sequence[Any] = ()) -> TorchTrainer:
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
-    """``trainer.fit()``; a worker's :class:`~mltr.errors.TrainingDiverged` is raised as itself.
+    """``trainer.fit()``, raising the :class:`~mltr.errors.TrainingDiverged` its workers returned.
 
-    Ray Train reports a worker's exception inside a ``WorkerGroupError`` (a traceback: a bug, to a
-    job). A run that diverged is the user's to fix: the job prints it as one line and exits 2.
+    A run that diverged is the user's to fix, not a failure to retry: the workers return it
+    together (:func:`mltr.train.any_rank_diverged`) rather than raise, so ``--max-failures`` does
+    not start them again to diverge again; the job prints it as one line and exits 2.
     """
-    try:
-        return trainer.fit()
-    except WorkerGroupError as exc:
-        diverged = [e for e in exc.worker_failures.values() if isinstance(e, TrainingDiverged)]
-        if not diverged:
-            raise
-        raise diverged[0] from exc
+    result = trainer.fit()
+    if isinstance(result.return_value, TrainingDiverged):
+        raise result.return_value
+    return result
 
 
 def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | None:

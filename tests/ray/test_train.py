@@ -20,7 +20,7 @@ from jobs import train as train_job
 from jobs._config import from_flat, parse_config, replace_flat
 from mltr import tracking
 from mltr.checkpoint import CHECKPOINT_FILES, WEIGHT_FILES
-from mltr.errors import ConfigError
+from mltr.errors import ConfigError, TrainingDiverged
 from mltr.metrics import mean_average_precision
 from mltr.tracking import EPOCH_KEY, NAME_TAG, runs_tagged, tracking_uri
 from mltr.train import SELECTION_METRIC, START_EPOCH_KEY
@@ -287,3 +287,30 @@ def test_bad_configuration_fails_fast_with_what_to_change(dataset, tmp_path):
     shutil.copytree(dataset, empty / "copy", ignore=shutil.ignore_patterns(MANIFEST))
     with pytest.raises(DatasetNotFound, match="_manifest.json"):
         run(data=str(empty / "copy"))
+
+
+def test_a_run_that_diverges_stops_every_worker_at_once_and_is_not_retried(dataset, tmp_path):
+    # A learning rate that leaves weights that are not numbers after the first step. Retrying from
+    # the last checkpoint would only diverge again: --max-failures is for workers that die.
+    config = from_flat(
+        train_job.TrainConfig,
+        {
+            "data": dataset,
+            "workdir": str(tmp_path),
+            "name": "diverges",
+            "epochs": 2,
+            "lr": 1e30,
+            "num_workers": 2,
+            "max_failures": 1,
+        },
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"^epoch 1 of 2, batch \d+, lr [\d.e+]+: the training loss is nan"
+    ):
+        train_job.run(config)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (run,) = runs_tagged(client, [client.get_experiment_by_name("mltr").experiment_id], NAME_TAG, "diverges")
+    assert run.info.status == "FAILED"
+    # The worker group started once: Ray Train did not restart it.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, START_EPOCH_KEY)] == [0]

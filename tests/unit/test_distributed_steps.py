@@ -1,4 +1,5 @@
-"""The loop's distributed pieces in two real processes (gloo, no Ray): per-rank RNG across a resume, no_sync."""
+"""The loop's distributed pieces in two real processes (gloo, no Ray): per-rank RNG across a resume,
+no_sync, and stopping together when one rank's loss is not a number."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.multiprocessing as mp
 from mltr.losses import build_loss
 from mltr.model import create_model
 from mltr.train import (
+    any_rank_diverged,
     forward_backward,
     gather_rng_states,
     optimizer_step,
@@ -86,6 +88,10 @@ def worker(rank: int, init_file: str, results: dict) -> None:
         create_model("mltr_tiny", num_classes=3, stem="patch", stem_widths=())
     )
     every_step = all_reduces(model, accumulate=1, micro_batches=4)
+    cpu = torch.device("cpu")
+    # Only rank 1's loss went NaN: both ranks stop, at the same step. Neither: both go on.
+    one_diverged = any_rank_diverged(finite=rank == 0, device=cpu)
+    none_diverged = any_rank_diverged(finite=True, device=cpu)
     results[rank] = {
         "states": len(states),
         "expected": expected,
@@ -95,6 +101,8 @@ def worker(rank: int, init_file: str, results: dict) -> None:
         "after_fewer": after_fewer,
         "accumulated": accumulated,
         "every_step": every_step,
+        "one_diverged": one_diverged,
+        "none_diverged": none_diverged,
     }
     dist.destroy_process_group()
 
@@ -125,3 +133,8 @@ def test_accumulation_skips_the_all_reduce_of_the_micro_batches_before_the_last(
         # 4 micro-batches: with accumulation 2 only the last of each pair all-reduces; without, all four.
         assert results[rank]["accumulated"] == [1, 3]
         assert results[rank]["every_step"] == [0, 1, 2, 3]
+
+
+def test_a_loss_that_is_not_a_number_on_one_rank_stops_every_rank(results):
+    assert [results[rank]["one_diverged"] for rank in range(WORLD)] == [True, True]
+    assert [results[rank]["none_diverged"] for rank in range(WORLD)] == [False, False]

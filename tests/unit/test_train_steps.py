@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
+import ray.train
 import torch
-from ray.train import WorkerGroupError
 from sklearn.metrics import precision_recall_curve
 
 from mltr.config import ModelArgs, OptimConfig, ScalingArgs
@@ -15,6 +15,8 @@ from mltr.errors import MltrError, TrainingDiverged
 from mltr.losses import build_loss
 from mltr.model import IMAGENET_MEAN, IMAGENET_STD, MlTrConfig, create_model, normalize
 from mltr.train import (
+    any_rank_diverged,
+    diverged,
     epoch_batches,
     forward_backward,
     label_frequency_baseline,
@@ -212,36 +214,43 @@ def test_a_loss_that_is_not_a_number_stops_training_with_an_error_the_user_fixes
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=generator)
     batch = batch_of(images, (torch.rand(4, 5, generator=generator) < 0.3).float())
     model, criterion = create_model("mltr_tiny", num_classes=5), build_loss("asl")
-    assert math.isfinite(forward_backward(model, criterion, batch, torch.device("cpu"), 1))
+    cpu = torch.device("cpu")
+    loss = forward_backward(model, criterion, batch, cpu, 1)
+    assert math.isfinite(loss) and not any_rank_diverged(math.isfinite(loss), cpu)
     # A learning rate far too large: the step leaves weights that are not numbers.
     optimizer_step(model, torch.optim.SGD(model.parameters(), lr=math.inf), None, None, grad_clip=0)
-    with pytest.raises(
-        TrainingDiverged, match="the training loss is nan: training diverged; lower --lr"
-    ) as info:
-        forward_backward(model, criterion, batch, torch.device("cpu"), 1)
-    assert isinstance(info.value, MltrError)  # a job prints it as one line, exit status 2
-    # It reaches the driver pickled, as Ray sends a worker's exception: same type, same line.
-    sent = pickle.loads(pickle.dumps(info.value))
-    assert type(sent) is TrainingDiverged and str(sent) == str(info.value)
+    loss = forward_backward(model, criterion, batch, cpu, 1)
+    assert math.isnan(loss) and any_rank_diverged(math.isfinite(loss), cpu)  # one worker: its own loss
+    error = diverged(epoch=2, epochs=5, batch=6, lr=0.25, loss=loss)
+    assert str(error) == (
+        "epoch 3 of 5, batch 7, lr 0.25: the training loss is nan: training diverged; "
+        "lower --lr, or pass --grad-clip"
+    )
+    assert isinstance(error, MltrError)  # a job prints it as one line, exit status 2
+    # It reaches the driver pickled, as Ray sends a worker's return value: same type, same line.
+    sent = pickle.loads(pickle.dumps(error))
+    assert type(sent) is TrainingDiverged and str(sent) == str(error)
 
 
-class FailedWorkers:
-    """A trainer whose workers failed: ``fit`` raises what Ray Train raises for them."""
+class Finished:
+    """A trainer whose workers finished: ``fit`` returns what Ray Train returns for them."""
 
-    def __init__(self, *failures: Exception):
-        self.failures = dict(enumerate(failures))
+    def __init__(self, return_value):
+        self.result = ray.train.Result(
+            metrics={"epoch": 0}, checkpoint=None, error=None, path="/runs/r", return_value=return_value
+        )
 
     def fit(self):
-        raise WorkerGroupError("training failed", self.failures)
+        return self.result
 
 
-def test_fit_raises_a_workers_divergence_as_itself_and_any_other_failure_as_ray_reports_it():
-    diverged = TrainingDiverged("epoch 1 of 2, batch 3, lr 4: the training loss is nan")
+def test_fit_raises_the_divergence_the_workers_returned_and_returns_any_other_result():
+    returned = TrainingDiverged("epoch 1 of 2, batch 3, lr 4: the training loss is nan")
     with pytest.raises(TrainingDiverged) as info:
-        fit(FailedWorkers(RuntimeError("rank 0 waited on rank 1"), diverged))
-    assert info.value is diverged and isinstance(info.value.__cause__, WorkerGroupError)
-    with pytest.raises(WorkerGroupError):
-        fit(FailedWorkers(RuntimeError("a bug"), RuntimeError("a bug")))
+        fit(Finished(returned))
+    assert info.value is returned
+    trainer = Finished(None)
+    assert fit(trainer) is trainer.result
 
 
 def test_clipping_bounds_the_gradient_norm_of_the_step():
