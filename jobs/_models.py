@@ -68,13 +68,9 @@ def load_predictor(
         predictor = pyfunc.unwrap_python_model().predictor
         predictor.batch_size = batch_size
         return predictor
+    location = checkpoint_location(model)
     if classes is None:
         raise ConfigError(f"{model}: a checkpoint folder needs --data for its classes")
-    location = resolve_storage(model)
-    if not location.is_dir():
-        raise ConfigError(
-            f"{model}: neither a model URI ({', '.join(MODEL_URI_SCHEMES)}) nor a checkpoint folder"
-        )
     if location.scheme != "s3":
         return Predictor.from_checkpoint(location.path, classes, batch_size=batch_size)
     import pyarrow.fs as pafs
@@ -82,6 +78,31 @@ def load_predictor(
     with tempfile.TemporaryDirectory() as tmp:
         pafs.copy_files(location.path, tmp, source_filesystem=location.fs)
         return Predictor.from_checkpoint(tmp, classes, batch_size=batch_size)
+
+
+def checkpoint_location(model: str):
+    """Where the checkpoint folder ``model`` is; a clear error when it is not one (nor a model URI)."""
+    location = resolve_storage(model)
+    if not location.is_dir():
+        what = "no such folder" if not location.exists() else "not a folder"
+        raise ConfigError(
+            f"{model}: {what}: --model takes a model URI ({', '.join(MODEL_URI_SCHEMES)}) or a "
+            "training checkpoint folder"
+        )
+    return location
+
+
+def checkpoint_classes(model: str, dataset: str | None, flag: str) -> tuple[str, ...] | None:
+    """The classes a checkpoint folder predicts: the dataset's (``flag`` names where the job takes
+    it); ``None`` for a model URI, which carries its own."""
+    if model.startswith(MODEL_URI_SCHEMES):
+        return None
+    checkpoint_location(model)  # a missing folder is named as such, not as a missing flag
+    if not dataset:
+        raise ConfigError(f"{model}: a checkpoint folder needs {flag} DATASET for its classes")
+    from pipeline.dataset import load_manifest
+
+    return tuple(load_manifest(dataset).classes)
 
 
 def check_classes(predictor: Predictor, manifest: Manifest, model: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs._config import component, opt, parse_config
-from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, load_predictor
+from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, checkpoint_classes, load_predictor
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
 from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
@@ -111,13 +111,7 @@ def run(config: ExportConfig) -> dict:
         raise ConfigError(f"ONNX export needs the export extra: pip install 'mltr[export]' ({exc})") from None
     import torch
 
-    classes = None
-    if not config.model.startswith(MODEL_URI_SCHEMES):
-        if not config.data:
-            raise ConfigError(f"{config.model}: a checkpoint folder needs --data for its classes")
-        from pipeline.dataset import load_manifest
-
-        classes = tuple(load_manifest(config.data).classes)
+    classes = checkpoint_classes(config.model, config.data, "--data")
     client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
     predictor = load_predictor(config.model, client, classes)
     predictor.model.to("cpu")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jobs._config import component, opt, parse_config
-from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, load_predictor
+from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, checkpoint_classes, load_predictor
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from mltr.serving import Predictor, decode_rows
@@ -280,16 +280,7 @@ def run(config: PredictConfig) -> dict:
             "nothing to predict: give INPUTS (images, folders, globs, s3:// prefixes) or --data"
         )
     client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
-    classes = None
-    if not config.model.startswith(MODEL_URI_SCHEMES):
-        from pipeline.dataset import load_manifest
-
-        source = config.classes_from or config.data
-        if not source:
-            raise ConfigError(
-                f"{config.model}: a checkpoint folder needs --classes-from DATASET for its classes"
-            )
-        classes = tuple(load_manifest(source).classes)
+    classes = checkpoint_classes(config.model, config.classes_from or config.data, "--classes-from")
     tracking_uri = client.tracking_uri if client else None
     predictor = load_predictor(config.model, client, classes, config.batch_size)
     if config.data or config.parquet_out:

@@ -122,3 +122,27 @@ def test_an_out_that_is_a_file_or_an_unreachable_object_store_is_one_line(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"the object store at {endpoint} refused or could not be reached" in proc.stderr
     assert "Ray" not in proc.stderr
+
+
+def test_a_model_that_is_neither_a_uri_nor_a_checkpoint_folder_is_named_as_such(tmp_path):
+    from jobs import export, predict
+    from jobs._config import parse_config
+    from mltr.errors import ConfigError
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")
+    (tmp_path / "model.pt").write_bytes(b"")
+    for missing, what in ((tmp_path / "nope", "no such folder"), (tmp_path / "model.pt", "not a folder")):
+        expected = (
+            f"{missing}: {what}: --model takes a model URI (models:/, runs:/) or a training checkpoint folder"
+        )
+        with pytest.raises(ConfigError) as info:  # not "needs --classes-from": the flag is not what is wrong
+            predict.run(parse_config(predict.PredictConfig, ["--model", str(missing), str(image)]))
+        assert str(info.value) == expected
+        out = str(tmp_path / "m.onnx")
+        with pytest.raises(ConfigError) as info:
+            export.run(parse_config(export.ExportConfig, ["--model", str(missing), "--out", out]))
+        assert str(info.value) == expected
+    # A folder that exists: what it lacks is the dataset its classes come from.
+    with pytest.raises(ConfigError, match="a checkpoint folder needs --classes-from DATASET for its classes"):
+        predict.run(parse_config(predict.PredictConfig, ["--model", str(tmp_path), str(image)]))
