@@ -16,6 +16,7 @@ chooses the weights (model or EMA), their per-class thresholds and, across epoch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -63,7 +64,7 @@ START_EPOCH_KEY = "start_epoch"  # logged by every start of the loop: a resume s
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """What every worker needs, resolved once on the driver (``train_loop_config["loop"]``)."""
+    """What every worker needs, resolved once on the driver (``train_loop_config["loop"]``, as plain data)."""
 
     model: MlTrConfig
     optim: OptimConfig
@@ -72,6 +73,18 @@ class LoopConfig:
     mlflow_uri: str
     mlflow_run_id: str
     init_from: str | None = None  # Swin or MlTr weights to start from (a fresh run only)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (what ``train_loop_config`` carries); :meth:`from_dict` rebuilds it."""
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "model": dataclasses.asdict(self.model),
+            "optim": dataclasses.asdict(self.optim),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
+        return cls(**{**data, "model": MlTrConfig(**data["model"]), "optim": OptimConfig(**data["optim"])})
 
 
 # --- pieces of the loop, each testable on its own -----------------------------------------------
@@ -394,12 +407,12 @@ def log_start(client: MlflowClient, run_id: str, history: list[dict[str, Any]], 
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | None:
-    """Ray Train's entry point on every worker; ``loop_config["loop"]`` is a :class:`LoopConfig`.
+    """Ray Train's entry point on every worker; ``loop_config["loop"]`` is a :meth:`LoopConfig.to_dict`.
 
     Returns (on every worker, at the same step) a :class:`~mltr.errors.TrainingDiverged` when the
     training loss stopped being a number: rank 0's is ``Result.return_value``.
     """
-    cfg: LoopConfig = loop_config["loop"]
+    cfg = LoopConfig.from_dict(loop_config["loop"])
     opt = cfg.optim
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()

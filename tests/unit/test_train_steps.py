@@ -333,3 +333,44 @@ def test_an_extended_run_continues_on_its_longer_schedule_at_the_step_reached():
     assert extended == pytest.approx(expected)
     assert extended[0] > 0.01 and extended == sorted(extended, reverse=True)
     assert extended[-1] < 1e-5  # the longer schedule's own end
+
+
+def test_what_ray_train_unpickles_beside_the_workers_needs_neither_torch_nor_mlflow(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    import mltr.trainer
+    from mltr.train import LoopConfig
+    from mltr.trainer import DATASETS, DataPlan, TrainRun, build_trainer
+
+    # What build_trainer hands Ray Train (no Ray here: the datasets are stand-ins).
+    monkeypatch.setattr(mltr.trainer, "TorchTrainer", lambda loop, **kwargs: kwargs)
+    run = TrainRun(
+        name="r",
+        model=ModelArgs(variant="mltr_tiny").resolve(num_classes=5),
+        optim=OptimConfig(epochs=3, lr=1e-3),
+        data=DataPlan(dict.fromkeys(DATASETS), train_rows=8, shuffle_buffer=0),
+        scaling=ScalingArgs(num_workers=2),
+        storage_path=str(tmp_path),
+        mlflow_uri="sqlite:///m.db",
+        mlflow_run_id="abc",
+        init_from="w.pth",
+    )
+    sent = build_trainer(run)
+    # The workers rebuild the very config the driver resolved.
+    assert LoopConfig.from_dict(sent["train_loop_config"]["loop"]) == run.loop_config()
+    # Ray Train's DatasetManager (one per run, beside the workers) unpickles the loop and data
+    # configs but runs neither: with a LoopConfig there it imported torch and MLflow (855 MB
+    # against 240 MB). Ray's own TorchConfig takes torch into the controller anyway.
+    payload = ray.cloudpickle.dumps((sent["train_loop_config"], sent["dataset_config"]))
+    (tmp_path / "sent.pkl").write_bytes(payload)
+    code = (
+        "import pickle, sys\n"
+        f"pickle.loads(open({str(tmp_path / 'sent.pkl')!r}, 'rb').read())\n"
+        "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]"]
