@@ -279,6 +279,15 @@ def forward_backward(
     return loss.item() * accumulate  # after backward: the host waits for it once the step is queued
 
 
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every worker: one all-reduce, and every worker gets the answer."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def any_rank_diverged(finite: bool, device: torch.device) -> bool:
     """Whether any worker's loss since the last step is not finite; every worker gets the same answer.
 
@@ -287,11 +296,7 @@ def any_rank_diverged(finite: bool, device: torch.device) -> bool:
     ``--max-failures`` retries, though a diverged run diverges again. The loop returns instead
     (:func:`diverged`), and :func:`mltr.trainer.fit` raises it on the driver.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return not finite
-    flag = torch.tensor([0.0 if finite else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return not all_ranks(finite, device)
 
 
 def diverged(epoch: int, epochs: int, batch: int, lr: float, loss: float) -> TrainingDiverged:
@@ -345,6 +350,48 @@ def label_frequency_baseline(
     frequency = train_targets.mean(axis=0, keepdims=True)
     scores = np.broadcast_to(frequency, val_targets.shape).copy()
     return mean_average_precision(scores, val_targets, val_ignore)[0]
+
+
+EVAL_KEEP_BYTES = 256 * 2**20  # per worker and split: evaluation batches kept in memory across epochs
+
+
+class EvalBatches:
+    """One evaluation split's batches on this worker, every epoch: streamed in the first, and kept
+    for the others when every worker's share fits in ``limit_bytes``.
+
+    Evaluation rows are not augmented, so each epoch reads what the first read; streaming them
+    again costs a Ray Data execution (read and decode tasks) per split and epoch, about a second
+    an epoch on the demo's data. Whether to keep them is decided by all workers together, after
+    the first epoch: the split is dynamic (``equal=False``), and a worker streaming while another
+    replayed its batches would be handed the other's rows as well, and count them twice.
+    """
+
+    def __init__(self, shard, batch_size: int, device: torch.device, limit_bytes: int = EVAL_KEEP_BYTES):
+        self.shard, self.batch_size, self.device, self.limit_bytes = shard, batch_size, device, limit_bytes
+        self.kept: list[dict[str, torch.Tensor]] | None = None
+        self.decided = False  # after the first epoch: keep (self.kept) or stream every epoch
+
+    def __iter__(self):
+        if self.decided:
+            yield from self.kept if self.kept is not None else self.stream()
+            return
+        kept: list | None = []
+        size = 0
+        for batch in self.stream():
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in batch.values() if torch.is_tensor(t))
+                if size <= self.limit_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None  # too large to keep: streamed every epoch
+            yield batch
+        # Reached by every worker at the same point: evaluate() reads each split to its end.
+        self.decided = True
+        self.kept = kept if all_ranks(kept is not None, self.device) else None
+
+    def stream(self):
+        # On the CPU: the metrics accumulate there, and kept batches hold no accelerator memory.
+        return self.shard.iter_torch_batches(batch_size=self.batch_size, device="cpu")
 
 
 def evaluate(models: dict[str, nn.Module], batches, device: torch.device) -> dict[str, MetricAccumulator]:
@@ -464,7 +511,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | Non
             batch_size=opt.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None
         )
     )
-    calib_shard, val_shard = ray.train.get_dataset_shard("calib"), ray.train.get_dataset_shard("val")
+    calib_batches, val_batches = (
+        EvalBatches(ray.train.get_dataset_shard(name), opt.batch_size * 2, device)
+        for name in ("calib", "val")
+    )
     for epoch in range(start_epoch, opt.epochs):
         model.train()
         ema.train()
@@ -494,9 +544,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | Non
 
         # Unwrapped: evaluation needs no DDP, and workers may hold different numbers of rows.
         models = {"model": unwrap(model), "ema": ema.module}
-        eval_batch = opt.batch_size * 2
-        calib = evaluate(models, calib_shard.iter_torch_batches(batch_size=eval_batch), device)
-        val = evaluate(models, val_shard.iter_torch_batches(batch_size=eval_batch), device)
+        calib = evaluate(models, calib_batches, device)
+        val = evaluate(models, val_batches, device)
         selection, calib_results, val_results = select(calib, val)
         if selection.calib_mAP > best_score:
             best_epoch, best_score = epoch, selection.calib_mAP

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from mltr.losses import build_loss
 from mltr.model import create_model
 from mltr.train import (
+    EvalBatches,
     any_rank_diverged,
     forward_backward,
     gather_rng_states,
@@ -92,6 +93,14 @@ def worker(rank: int, init_file: str, results: dict) -> None:
     # Only rank 1's loss went NaN: both ranks stop, at the same step. Neither: both go on.
     one_diverged = any_rank_diverged(finite=rank == 0, device=cpu)
     none_diverged = any_rank_diverged(finite=True, device=cpu)
+    # Evaluation batches are kept only if every rank's share fits: rank 1's does not, so both stream.
+    from tests.unit.test_train_steps import CountingShard, eval_split
+
+    split = eval_split()
+    size = sum(t.numel() * t.element_size() for batch in split for t in batch.values())
+    shard = CountingShard(split)
+    batches = EvalBatches(shard, 8, cpu, limit_bytes=size if rank == 0 else size - 1)
+    epochs = [len(list(batches)) for _ in range(3)]
     results[rank] = {
         "states": len(states),
         "expected": expected,
@@ -103,6 +112,8 @@ def worker(rank: int, init_file: str, results: dict) -> None:
         "every_step": every_step,
         "one_diverged": one_diverged,
         "none_diverged": none_diverged,
+        "eval_epochs": epochs,
+        "eval_streams": shard.streams,
     }
     dist.destroy_process_group()
 
@@ -138,3 +149,9 @@ def test_accumulation_skips_the_all_reduce_of_the_micro_batches_before_the_last(
 def test_a_loss_that_is_not_a_number_on_one_rank_stops_every_rank(results):
     assert [results[rank]["one_diverged"] for rank in range(WORLD)] == [True, True]
     assert [results[rank]["none_diverged"] for rank in range(WORLD)] == [False, False]
+
+
+def test_evaluation_batches_are_kept_only_when_every_ranks_share_fits(results):
+    for rank in range(WORLD):
+        assert results[rank]["eval_epochs"] == [3, 3, 3]
+        assert results[rank]["eval_streams"] == 3  # rank 0's share fits, rank 1's does not: both stream

@@ -374,3 +374,39 @@ def test_what_ray_train_unpickles_beside_the_workers_needs_neither_torch_nor_mlf
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["[]"]
+
+
+class CountingShard:
+    """A worker's dataset shard: the same batches every execution, counting the executions."""
+
+    def __init__(self, batches):
+        self.batches, self.streams = batches, 0
+
+    def iter_torch_batches(self, batch_size, device):
+        assert device == "cpu"
+        self.streams += 1
+        yield from self.batches
+
+
+def eval_split(batches: int = 3, rows: int = 4) -> list[dict[str, torch.Tensor]]:
+    return [
+        {
+            "image": torch.full((rows, 3, 8, 8), i, dtype=torch.uint8),
+            "targets": torch.zeros(rows, 2),
+            "ignore_mask": torch.zeros(rows, 2, dtype=torch.bool),
+        }
+        for i in range(batches)
+    ]
+
+
+def test_evaluation_batches_are_streamed_once_and_kept_while_they_fit_else_streamed_every_epoch():
+    from mltr.train import EvalBatches
+
+    split = eval_split()
+    size = sum(t.numel() * t.element_size() for batch in split for t in batch.values())
+    for limit, streams in ((size, 1), (size - 1, 3)):
+        shard = CountingShard(split)
+        batches = EvalBatches(shard, 8, torch.device("cpu"), limit_bytes=limit)
+        for _ in range(3):  # three epochs: every batch, in order, each time
+            assert [int(batch["image"][0, 0, 0, 0]) for batch in batches] == [0, 1, 2]
+        assert shard.streams == streams
