@@ -67,9 +67,9 @@ from pipeline.convert import ROW_GROUP_SIZE
 from pipeline.dataset import Manifest, RowFilter
 
 # torch and torchvision are imported where images are decoded. torch costs ~1.5 s of CPU to
-# import, torchvision another second (it brings torch._dynamo in, via torchvision.models). Ray
-# Data's coordinators unpickle this module's functions without running them, as does a driver
-# that only builds datasets; three coordinators per Train run would otherwise pay it each.
+# import, torchvision another second (it brings torch._dynamo in, via torchvision.models). The
+# process that coordinates a Train run's dataset splits (Ray Train's DatasetManager) unpickles
+# this module's functions without running them, as does a driver that only builds datasets.
 if TYPE_CHECKING:
     import torch
     from torchvision.transforms import v2
