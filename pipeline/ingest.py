@@ -67,9 +67,10 @@ from pipeline.convert import ROW_GROUP_SIZE
 from pipeline.dataset import Manifest, RowFilter
 
 # torch and torchvision are imported where images are decoded. torch costs ~1.5 s of CPU to
-# import, torchvision another second (it brings torch._dynamo in, via torchvision.models). The
-# process that coordinates a Train run's dataset splits (Ray Train's DatasetManager) unpickles
-# this module's functions without running them, as does a driver that only builds datasets.
+# import, torchvision another second (it brings torch._dynamo in, via torchvision.models). A
+# Train run's DatasetManager and its split coordinators (one per dataset: train, calib, val)
+# unpickle this module's functions without running them, as does a driver that only builds
+# datasets: four processes per run that would otherwise each pay it.
 if TYPE_CHECKING:
     import torch
     from torchvision.transforms import v2

@@ -278,8 +278,9 @@ def test_read_unit_reads_exactly_its_rows_across_row_groups(tmp_path):
 
 
 def test_the_data_pipeline_imports_without_torch():
-    # Ray Data's coordinators unpickle pipeline.ingest's functions without running them: with
-    # torch imported there, each of a Train run's three held ~570 MB more (810 MB against 240 MB).
+    # A Train run's DatasetManager and its three split coordinators unpickle pipeline.ingest's
+    # functions without running them: with torch imported there, each held ~570 MB more (810 MB
+    # against 240 MB).
     code = (
         "import sys, mltr, mltr.errors, pipeline.storage, pipeline.dataset, pipeline.convert, pipeline.ingest\n"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
