@@ -42,13 +42,21 @@ def local_only_ray() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+# A local Ray's jobs get these in their environment. Ray Train's preemption watcher (an actor per
+# run, polling Ray Core for nodes being drained) has nothing to watch on the one node of a local
+# Ray, which no autoscaler or cloud provider drains: one process fewer per run and per trial.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to ``address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray.
 
     A local Ray listens on 127.0.0.1 only, with its dashboard there too: Ray Train cleans up the
     placement groups of runs that die through the dashboard's State API (without it, they leak and
-    a sweep that stops trials hangs). ``kwargs`` such as ``num_cpus`` size a local Ray only: an
-    existing cluster has its own resources.
+    a sweep that stops trials hangs). Its job's processes get :data:`LOCAL_RAY_ENV` (a
+    ``runtime_env`` of the job: this process's environment, and other Rays it starts, are left as
+    they are). ``kwargs`` such as ``num_cpus`` size a local Ray only: an existing cluster has its
+    own resources.
     """
     import ray
 

@@ -314,3 +314,10 @@ def test_a_run_that_diverges_stops_every_worker_at_once_and_is_not_retried(datas
     assert run.info.status == "FAILED"
     # The worker group started once: Ray Train did not restart it.
     assert [m.step for m in client.get_metric_history(run.info.run_id, START_EPOCH_KEY)] == [0]
+    # A local Ray (started by jobs._runtime.init_ray, as this session's is) has no node to drain:
+    # none of its runs started Ray Train's preemption watcher, alive or dead.
+    from ray.util.state import list_actors
+
+    actors = list_actors(limit=10_000, raise_on_missing_output=False)
+    assert {a.class_name for a in actors} >= {"TrainController", "RayTrainWorker"}
+    assert not [a for a in actors if a.class_name == "PreemptionWatcher"]
