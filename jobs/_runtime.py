@@ -69,6 +69,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         local_only_ray()
         kwargs.setdefault("include_dashboard", True)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {**LOCAL_RAY_ENV, **runtime_env.get("env_vars", {})}
+        kwargs["runtime_env"] = runtime_env
     else:
         for local_only in (
             "num_cpus",

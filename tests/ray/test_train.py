@@ -316,8 +316,10 @@ def test_a_run_that_diverges_stops_every_worker_at_once_and_is_not_retried(datas
     assert [m.step for m in client.get_metric_history(run.info.run_id, START_EPOCH_KEY)] == [0]
     # A local Ray (started by jobs._runtime.init_ray, as this session's is) has no node to drain:
     # none of its runs started Ray Train's preemption watcher, alive or dead.
+    import ray
     from ray.util.state import list_actors
 
     actors = list_actors(limit=10_000, raise_on_missing_output=False)
     assert {a.class_name for a in actors} >= {"TrainController", "RayTrainWorker"}
-    assert not [a for a in actors if a.class_name == "PreemptionWatcher"]
+    watchers = [(a.job_id, a.pid, a.state) for a in actors if a.class_name == "PreemptionWatcher"]
+    assert not watchers, (watchers, ray.get_runtime_context().get_job_id())
