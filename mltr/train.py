@@ -361,9 +361,10 @@ class EvalBatches:
 
     Evaluation rows are not augmented, so each epoch reads what the first read; streaming them
     again costs a Ray Data execution (read and decode tasks) per split and epoch: 0.7 s of the
-    1.2-1.4 s an epoch's evaluation took on the demo's data with 2 workers. Whether to keep them is decided by all workers together, after
-    the first epoch: the split is dynamic (``equal=False``), and a worker streaming while another
-    replayed its batches would be handed the other's rows as well, and count them twice.
+    1.2-1.4 s an epoch's evaluation took on the demo's data with 2 workers. Whether to keep them
+    is decided by all workers together, after the first epoch: the split is dynamic
+    (``equal=False``), and a worker streaming while another replayed its batches would be handed
+    the other's rows as well, and count them twice.
     """
 
     def __init__(self, shard, batch_size: int, device: torch.device, limit_bytes: int = EVAL_KEEP_BYTES):
