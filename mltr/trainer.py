@@ -13,7 +13,10 @@ from the dataset's manifest, read once), the storage and the MLflow run. The wor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,10 +117,32 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
     together (:func:`mltr.train.any_rank_diverged`) rather than raise, so ``--max-failures`` does
     not start them again to diverge again; the job prints it as one line and exits 2.
     """
-    result = trainer.fit()
+    with _sigint_restored():
+        result = trainer.fit()
     if isinstance(result.return_value, TrainingDiverged):
         raise result.return_value
     return result
+
+
+@contextlib.contextmanager
+def _sigint_restored() -> Iterator[None]:
+    """Put back the process's SIGINT handler once ``fit()`` is over.
+
+    In the main thread ``fit()`` installs a handler that aborts the run's controller on Ctrl-C, and
+    leaves it installed: after the run, Ctrl-C would "abort" a finished run and do nothing else,
+    and the handler's hold on the controller's actor handle keeps the controller, its
+    DatasetManager and split coordinators alive until the next run (in a long-lived driver, a
+    test session, for good). Elsewhere (a Tune trial's thread) ``fit()`` installs nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | None:

@@ -304,10 +304,13 @@ def test_a_run_that_diverges_stops_every_worker_at_once_and_is_not_retried(datas
             "max_failures": 1,
         },
     )
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(
         TrainingDiverged, match=r"^epoch 1 of 2, batch \d+, lr [\d.e+]+: the training loss is nan"
     ):
         train_job.run(config)
+    # Ray Train's fit() installs a Ctrl-C handler that holds the run's controller; it is put back.
+    assert signal.getsignal(signal.SIGINT) is before
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     (run,) = runs_tagged(client, [client.get_experiment_by_name("mltr").experiment_id], NAME_TAG, "diverges")
@@ -323,3 +326,19 @@ def test_a_run_that_diverges_stops_every_worker_at_once_and_is_not_retried(datas
     assert {a.class_name for a in actors} >= {"TrainController", "RayTrainWorker"}
     watchers = [(a.job_id, a.pid, a.state) for a in actors if a.class_name == "PreemptionWatcher"]
     assert not watchers, (watchers, ray.get_runtime_context().get_job_id())
+
+    # Nothing holds a finished run's controller any more: it exits, and with it the run's
+    # DatasetManager and split coordinators, rather than living on in this driver.
+    def lingering():
+        return [
+            (a.class_name, a.pid)
+            for a in list_actors(
+                filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False
+            )
+            if a.class_name in ("TrainController", "DatasetManager", "SplitCoordinator")
+        ]
+
+    deadline = time.monotonic() + 60
+    while (alive := lingering()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive, alive
