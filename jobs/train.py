@@ -30,7 +30,15 @@ from mltr.config import ModelArgs, OptimConfig, ScalingArgs
 from mltr.errors import ConfigError
 from mltr.model import MlTrConfig
 from mltr.train import epoch_batches, label_frequency_baseline
-from mltr.trainer import DataPlan, TrainRun, best_checkpoint, build_trainer, fit, trained_result
+from mltr.trainer import (
+    DataPlan,
+    TrainRun,
+    best_checkpoint,
+    build_trainer,
+    completed_result,
+    fit,
+    trained_result,
+)
 from pipeline.dataset import CalibSplit, Manifest, load_manifest, plan_calibration
 from pipeline.ingest import AugmentConfig, IngestConfig, build_dataset, multi_hot
 from pipeline.storage import resolve as resolve_storage
@@ -272,18 +280,26 @@ def start(
     """
 
     config, manifest = resolved.config, resolved.manifest
-    init_ray(config.run.address, num_cpus=local_cpus(config))
-    resources = wait_for_resources(run_bundles(config), config.scaling.wait_for_resources)
-    actors = decode_actors(config, resources.get("CPU", 0))
-    check_resources(config, actors)
-    data = data_plan(resolved, actors)
-
     workdir = Path(config.run.workdir).resolve()
     name = (
         config.run.name
         or f"{manifest.name}-{config.model.variant}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     )
     storage = resolve_storage(config.run.storage or str(workdir / "ray_results"))
+    storage_filesystem = storage.fs if storage.scheme == "s3" else None
+    # A run whose checkpoints already hold every epoch is only finished (run() starts no worker
+    # group): it neither waits for the workers' nodes nor is refused for lacking them, as after
+    # the nodes of a GPU run have left the cluster.
+    trained = bool(config.run.name) and (
+        completed_result(storage.path, name, config.optim.epochs, storage_filesystem) is not None
+    )
+    init_ray(config.run.address, num_cpus=local_cpus(config))
+    resources = wait_for_resources(run_bundles(config), 0 if trained else config.scaling.wait_for_resources)
+    actors = decode_actors(config, resources.get("CPU", 0))
+    if not trained:
+        check_resources(config, actors)
+    data = data_plan(resolved, actors)
+
     mlflow_uri = resolved.mlflow_uri
     client = MlflowClient(mlflow_uri)
     artifact_root = (workdir / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None
@@ -319,7 +335,7 @@ def start(
         data=data,
         scaling=config.scaling,
         storage_path=storage.path,
-        storage_filesystem=storage.fs if storage.scheme == "s3" else None,
+        storage_filesystem=storage_filesystem,
         mlflow_uri=mlflow_uri,
         mlflow_run_id=run_id,
         max_failures=config.run.max_failures,

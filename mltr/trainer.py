@@ -145,6 +145,21 @@ def _sigint_restored() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def completed_result(
+    storage_path: str, name: str, epochs: int, storage_filesystem: pafs.FileSystem | None = None
+) -> ray.train.Result | None:
+    """The result of the Train run ``name`` under ``storage_path`` when its checkpoints hold all
+    ``epochs``, else ``None`` (no run of that name there yet, or one still to train)."""
+    path = f"{storage_path.rstrip('/')}/{name}"
+    try:
+        result = ray.train.Result.from_path(path, storage_filesystem=storage_filesystem)
+    except RuntimeError:  # no run of that name there yet, or none of its checkpoints registered
+        return None
+    if result.checkpoint is None or int((result.metrics or {}).get("epoch", -1)) + 1 < epochs:
+        return None
+    return result
+
+
 def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | None:
     """The Train run's result when its checkpoints already hold every epoch, else ``None``.
 
@@ -152,12 +167,8 @@ def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | No
     lost has nothing left to train: the driver logs what the loop would log at such a start (the
     epochs MLflow lacks, where it started) and no worker group is started.
     """
-    path = f"{run.storage_path.rstrip('/')}/{run.name}"
-    try:
-        result = ray.train.Result.from_path(path, storage_filesystem=run.storage_filesystem)
-    except RuntimeError:  # no run of that name there yet, or none of its checkpoints registered
-        return None
-    if result.checkpoint is None or int((result.metrics or {}).get("epoch", -1)) + 1 < run.optim.epochs:
+    result = completed_result(run.storage_path, run.name, run.optim.epochs, run.storage_filesystem)
+    if result is None:
         return None
     history: list = []
     if set(range(run.optim.epochs)) - set(tracking.logged_epochs(client, run.mlflow_run_id)):

@@ -231,12 +231,14 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     assert failed.info.status == "FAILED"
     monkeypatch.undo()
 
-    # From here on its checkpoints hold every epoch: finishing it starts no Train worker group.
+    # From here on its checkpoints hold every epoch: finishing it starts no Train worker group, so
+    # it needs none of the workers' resources: here the GPUs it asks for, which this cluster lacks
+    # (as when a GPU run's nodes have left), do not stop it.
     def no_workers(*args, **kwargs):
         raise AssertionError("a run whose checkpoints hold every epoch started Train workers")
 
     monkeypatch.setattr(train_job, "build_trainer", no_workers)
-    warm = train_job.run(warm_config)
+    warm = train_job.run(replace_flat(warm_config, use_gpu=True))
     assert warm["mlflow_run_id"] == failed.info.run_id != run_id and warm["epochs"] == 1
     assert client.get_run(failed.info.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(failed.info.run_id, START_EPOCH_KEY)] == [0, 1]
