@@ -24,7 +24,7 @@ from mltr.errors import ConfigError, TrainingDiverged
 from mltr.metrics import mean_average_precision
 from mltr.tracking import EPOCH_KEY, NAME_TAG, runs_tagged, tracking_uri
 from mltr.train import SELECTION_METRIC, START_EPOCH_KEY
-from mltr.trainer import build_trainer
+from mltr.trainer import build_trainer, fit
 from pipeline.dataset import MANIFEST, load_manifest
 from pipeline.synthetic import DEMO_CLASSES
 
@@ -129,7 +129,7 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     manifest_file.rename(hidden)
     try:
         train_run, client = train_job.start(resolved)
-        result = train_job.report(resolved, train_run, client, build_trainer(train_run).fit())
+        result = train_job.report(resolved, train_run, client, fit(build_trainer(train_run)))
     finally:
         hidden.rename(manifest_file)
     assert result["mlflow_run_id"] == killed.info.run_id
