@@ -98,17 +98,24 @@ def output_to(log_file: Path) -> Iterator[Terminal]:
 
 @contextlib.contextmanager
 def progress(term: Terminal, desc: str, total: int, count: Callable[[], int]) -> Iterator[None]:
-    """A progress bar on the terminal, fed by ``count()`` (epochs in MLflow) once a second."""
+    """A progress bar on the terminal, fed by ``count()`` (epochs in MLflow) once a second.
+
+    On a terminal it is redrawn every second (its clock moves); elsewhere (a file, a CI log) only
+    when the count moves, each redraw being one more line there.
+    """
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="epoch", file=term.stream, leave=True, dynamic_ncols=True)
     done = threading.Event()
+    tty = term.stream.isatty()
 
     def poll() -> None:
         while not done.wait(1.0):
             with contextlib.suppress(Exception):  # the run may not exist yet
-                bar.n = min(total, count())
-                bar.refresh()
+                n = min(total, count())
+                if tty or n != bar.n:
+                    bar.n = n
+                    bar.refresh()
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
