@@ -10,7 +10,12 @@ image (``path``, ``labels``, ``scores`` by class name), a progress bar on long i
 unreadable image reported on stderr and skipped. With ``--data`` (a converted dataset's split) or
 ``--parquet-out`` it runs as Ray Data batch inference: a pool of model actors
 (``map_batches`` with ``compute=ActorPoolStrategy``; one GPU each where the cluster has GPUs)
-fed by Ray Data's reads and decodes, writing Parquet. The last line is one JSON summary.
+fed by Ray Data's reads, writing Parquet. Images are decoded in Ray tasks beside the actors
+(``--decode tasks``: decoding spreads over every CPU of the cluster) or in the actors themselves
+(``--decode actor``: on a GPU node, several calls at once per actor, one batch's decode beside
+another's network; no decoded pixels go through the object store). By default (``auto``) the
+actors decode where the cluster has GPUs, tasks where it has none. The last line is one JSON
+summary.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,6 +40,8 @@ from mltr.serving import Predictor, decode_rows
 log = logging.getLogger("jobs.predict")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DecodeIn = Literal["auto", "tasks", "actor"]
+MAX_CALLS_PER_ACTOR = 8  # past this the decoding threads of one actor wait on each other's GIL
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,11 @@ class PredictConfig:
     classes_from: str | None = opt(None, "a converted dataset whose classes a checkpoint folder predicts")
     batch_size: int = opt(32, "images per forward pass (and per Ray Data batch)")
     actors: int = opt(1, "Ray Data: model actors (each holds the model; one GPU each where there are GPUs)")
+    decode: DecodeIn = opt(
+        "auto",
+        "Ray Data: decode in tasks beside the actors (every CPU of the cluster) or in the model actors "
+        "(their GPU node's CPUs); auto: in the actors where there are GPUs",
+    )
     address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
     tracking: TrackingArgs = component(TrackingArgs)
 
@@ -137,7 +149,8 @@ def decode_batch(batch: dict, contract: dict[str, Any]) -> dict:
 
 
 class PredictActor:
-    """Ray Data model actor: decoded ``pixels`` in; ``labels``, ``scores`` and ``error`` out."""
+    """Ray Data model actor: decoded ``pixels`` (or the rows :func:`decode_batch` takes, decoded
+    here) in; ``labels``, ``scores`` and ``error`` out. Safe to call from several threads at once."""
 
     def __init__(
         self,
@@ -161,6 +174,8 @@ class PredictActor:
     def __call__(self, batch: dict) -> Any:
         import pyarrow as pa
 
+        if "pixels" not in batch:  # --decode actor: the batch holds encoded images
+            batch = decode_batch(batch, self.predictor.info.input)
         errors = [str(e) if e else None for e in batch["error"]]
         rows = self.predictor.predict_pixels(batch["pixels"], errors)
         return pa.table(
@@ -173,6 +188,47 @@ class PredictActor:
         )
 
 
+def actor_layout(
+    decode: DecodeIn, nodes: list[dict[str, Any]], calls_per_actor: int | None = None
+) -> dict[str, Any]:
+    """Where images are decoded (``decode``, ``auto`` resolved), and each model actor's resources
+    and concurrency, from the cluster's ``nodes`` (``ray.nodes()``).
+
+    ``auto`` decodes in the actors where the cluster has GPUs (measured on one GPU node, 2 and 16
+    cores: docs/benchmarks.md), in tasks where it has none. With GPUs: one GPU per actor. Decoding in tasks, the actor holds no CPU (the tasks use them
+    all). Decoding in the actor, it holds its share of its GPU node's CPUs but one (left to the
+    reads) and runs that many calls plus one at once (at most :data:`MAX_CALLS_PER_ACTOR`), each
+    decoding on one torch thread, so that some decode while one runs the network.
+    Without GPUs: one CPU per actor and one call at a time (the network takes the cores through
+    torch's own threads; a second call at once would only contend with it).
+    """
+    gpu_nodes = [n["Resources"] for n in nodes if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    if decode not in ("auto", "tasks", "actor"):
+        raise ConfigError(f"decode must be 'auto', 'tasks' or 'actor', not {decode!r}")
+    if decode == "auto":
+        decode = "actor" if gpu_nodes else "tasks"
+    if not gpu_nodes:
+        return {
+            "decode": decode,
+            "num_cpus": 1,
+            "num_gpus": 0,
+            "calls": calls_per_actor or 1,
+            "torch_threads": None,
+        }
+    if decode == "tasks":
+        return {
+            "decode": decode,
+            "num_cpus": 0,
+            "num_gpus": 1,
+            "calls": calls_per_actor or 1,
+            "torch_threads": None,
+        }
+    per_gpu = min(int(r.get("CPU", 0) // r["GPU"]) for r in gpu_nodes)
+    cpus = max(1, per_gpu - 1)
+    calls = calls_per_actor or min(MAX_CALLS_PER_ACTOR, cpus + 1)
+    return {"decode": decode, "num_cpus": cpus, "num_gpus": 1, "calls": calls, "torch_threads": 1}
+
+
 def batch_inference(
     source,
     model: str,
@@ -182,36 +238,47 @@ def batch_inference(
     batch_size: int,
     actors: int,
     torch_threads: int | None = None,
+    decode: DecodeIn = "auto",
+    calls_per_actor: int | None = None,
 ):
-    """``source`` rows (``image_id`` + ``image``, or ``path``) -> predictions: decode in Ray tasks,
-    the network in a pool of actors (one GPU each where the cluster has GPUs)."""
+    """``source`` rows (``image_id`` + ``image``, or ``path``) -> predictions (``id``, ``labels``,
+    ``scores``, ``error``): the network in a pool of actors (one GPU each where the cluster has
+    GPUs), images decoded in Ray tasks beside them or in the actors (:func:`actor_layout`: several
+    calls at once on a GPU)."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    # Decode tasks ask for half a CPU: two share a core (decoding waits on reads), and remote args
-    # unlike the actors' keep Ray Data from fusing the decode into the actors, where it would run
-    # in turn with the network instead of beside it.
-    decoded = source.map_batches(
-        decode_batch,
-        fn_kwargs={"contract": info.input},
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=0.5,
-    )
-    return decoded.map_batches(
+    layout = actor_layout(decode, ray.nodes(), calls_per_actor)
+    if layout["decode"] == "tasks":
+        # Decode tasks ask for half a CPU: two share a core (decoding waits on reads), and remote
+        # args unlike the actors' keep Ray Data from fusing the decode into the actors, where it
+        # would run in turn with the network instead of beside it.
+        source = source.map_batches(
+            decode_batch,
+            fn_kwargs={"contract": info.input},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+    calls = layout["calls"]
+    return source.map_batches(
         PredictActor,
         fn_constructor_kwargs={
             "model": model,
             "tracking_uri": tracking_uri,
             "classes": classes,
             "batch_size": batch_size,
-            "torch_threads": torch_threads,
+            "torch_threads": torch_threads or layout["torch_threads"],
         },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1,
+            max_size=max(1, actors),
+            max_concurrent_calls_per_actor=calls,
+            enable_true_multi_threading=calls > 1,
+        ),
         batch_size=batch_size,
         batch_format="numpy",
-        num_gpus=1 if gpus >= 1 else 0,
-        num_cpus=0 if gpus >= 1 else 1,
+        num_gpus=layout["num_gpus"],
+        num_cpus=layout["num_cpus"],
     )
 
 
@@ -236,7 +303,14 @@ def predict_ray(
             raise ConfigError("nothing to predict: give INPUTS or --data")
         source = ray.data.from_items([{"path": p} for p in paths])
     predictions = batch_inference(
-        source, config.model, info, tracking_uri, classes, config.batch_size, config.actors
+        source,
+        config.model,
+        info,
+        tracking_uri,
+        classes,
+        config.batch_size,
+        config.actors,
+        decode=config.decode,
     )
     summary: dict[str, Any] = {"model": config.model, "source": config.data or list(config.inputs)}
     if config.parquet_out:

@@ -1,22 +1,26 @@
-"""Batch inference: Ray Data (decode in tasks, the network in actors) vs a plain PyTorch loop.
+"""Batch inference: Ray Data (the network in actors, decode in tasks or in the actors) vs a plain PyTorch loop.
 
     python -m jobs.bench predict                                # 512 images, mltr_s at 224 px, batch 32
     python -m jobs.bench predict --images 256 --variant mltr_tiny
     python -m jobs.bench predict --model-from checkpoint --images 16384   # a GPU machine: no MLflow needed
+    python -m jobs.bench predict --model-from checkpoint --images 16384 --decode tasks
 
 Both sides run the same model (``--variant``, random weights, logged as the project's pyfunc in
 an embedded MLflow and loaded from there, or with ``--model-from checkpoint`` read from a
-training checkpoint folder as ``mltr predict --model FOLDER`` does), the same decode (``mltr.serving.decode_rows``: decode,
-resize by the input contract) and the same batch size, on the same images read from Parquet:
-first a single-process loop (load the model, then read a batch, decode it, run the network:
-torch's default threads), timed from the model's load;
-then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core this process may
-run on (``taskset`` limits them) and one more
-(decode in Ray tasks; the network in ``--actors`` actors with ``--actor-threads`` torch threads
-each, by default one actor using every core, as the loop does), timed from the start of the execution to its last row,
-actor start-up included (``ray_data_first_rows_s`` says how long the first batch took). Where
-``--images`` is more than the split holds, both sides read the split again, as often as needed.
-On a GPU machine the model runs on the GPU on both sides (Ray Data: one actor per GPU, no CPU).
+training checkpoint folder as ``mltr predict --model FOLDER`` does), the same decode
+(``mltr.serving.decode_rows``: decode, resize by the input contract) and the same batch size, on
+the same images read from Parquet: first a single-process loop (load the model, then read a
+batch, decode it, run the network: torch's default threads), timed from the model's load;
+then ``jobs.predict.batch_inference`` on a local Ray with one logical CPU per core this process
+may run on (``taskset`` limits them) and one more, timed from the start of the execution to its
+last row, actor start-up included (``ray_data_first_rows_s`` says how long the first batch took).
+``--decode tasks`` (``mltr predict``'s default without GPUs) decodes in Ray tasks and runs the
+network in ``--actors`` actors with ``--actor-threads`` torch threads each, by default one actor
+using every core, as the loop does; ``--decode actor`` (its default with GPUs) decodes in the
+model actors (on a GPU, ``--calls-per-actor`` calls at once, by default as
+``jobs.predict.actor_layout`` sets them).
+Where ``--images`` is more than the split holds, both sides read the split again, as often as
+needed. On a GPU machine the model runs on the GPU on both sides (Ray Data: one actor per GPU).
 Ends with one JSON line: images/s of each and ``ratio`` (Ray Data over the loop).
 """
 
@@ -44,7 +48,15 @@ class BenchPredictConfig:
     variant: str = opt("mltr_s", "model variant (random weights: throughput only)")
     batch_size: int = opt(32, "images per batch, both sides")
     actors: int = opt(1, "Ray Data: model actors")
-    actor_threads: int | None = opt(None, "torch threads of each actor (default: cores / actors)")
+    actor_threads: int | None = opt(
+        None, "torch threads of each actor (default: cores / actors; on a GPU, what jobs.predict sets)"
+    )
+    decode: Literal["auto", "tasks", "actor"] = opt(
+        "auto", "Ray Data: decode in tasks or in the model actors (auto: as mltr predict, by the GPUs)"
+    )
+    calls_per_actor: int | None = opt(
+        None, "Ray Data: calls each actor runs at once (default: jobs.predict's)"
+    )
     model_from: Literal["mlflow", "checkpoint"] = opt(
         "mlflow", "load the model as the logged pyfunc (embedded MLflow) or from a checkpoint folder"
     )
@@ -112,7 +124,7 @@ def run(config: BenchPredictConfig) -> dict:
 
     from jobs._models import load_predictor
     from jobs._runtime import init_ray
-    from jobs.predict import batch_inference
+    from jobs.predict import actor_layout, batch_inference
     from mltr import create_model
     from mltr.serving import ModelInfo
     from pipeline.convert import convert
@@ -188,8 +200,9 @@ def run(config: BenchPredictConfig) -> dict:
         flush=True,
     )
 
-    # Ray Data: the same model, decode and batch size; decode tasks beside the model actor(s).
-    threads = config.actor_threads or max(1, cores // actors)
+    # Ray Data: the same model, decode and batch size; decode in tasks or in the model actor(s).
+    threads = config.actor_threads or (None if device == "cuda" else max(1, cores // actors))
+    layout = actor_layout(config.decode, ray.nodes(), config.calls_per_actor)
     source = read_split(manifest, split, columns=["image_id", "image"])
     if passes > 1:
         # The shards listed once per pass, read as read_split reads them (a union of passes
@@ -212,6 +225,8 @@ def run(config: BenchPredictConfig) -> dict:
         config.batch_size,
         actors,
         torch_threads=threads,
+        decode=config.decode,
+        calls_per_actor=config.calls_per_actor,
     )
     started, rows, first_s = time.perf_counter(), 0, None
     for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -220,7 +235,8 @@ def run(config: BenchPredictConfig) -> dict:
             first_s = time.perf_counter() - started
     ray_s = time.perf_counter() - started
     print(
-        f"Ray Data ({actors} actors x {threads} threads + decode tasks): {rows / ray_s:6.1f} images/s "
+        f"Ray Data ({actors} actors x {threads or layout['torch_threads'] or 'default'} threads, "
+        f"{layout['calls']} calls at once, decode in {layout['decode']}): {rows / ray_s:6.1f} images/s "
         f"(first rows after {first_s:.1f} s)",
         flush=True,
     )
@@ -245,7 +261,10 @@ def run(config: BenchPredictConfig) -> dict:
         "device": device,
         "model_from": config.model_from,
         "actors": actors,
-        "actor_threads": threads,
+        "actor_threads": threads or layout["torch_threads"],
+        "decode": layout["decode"],
+        "calls_per_actor": layout["calls"],
+        "actor_cpus": layout["num_cpus"],
         "ratio": round(ray_ips / loop_ips, 3),
         "config": to_dict(config),
     }

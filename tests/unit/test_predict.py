@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.predict import expand_inputs, predict_files
+from jobs.predict import actor_layout, expand_inputs, predict_files
 from mltr import create_model
+from mltr.errors import ConfigError
 from mltr.serving import ModelInfo, Predictor
 
 pytestmark = pytest.mark.unit
@@ -49,3 +50,27 @@ def test_inputs_expand_and_every_image_gets_a_line_or_a_reason(tmp_path, capsys)
     assert [s["path"] for s in summary["skipped"]] == paths[3:]
     assert "gone.jpg: no such file" in summary["skipped"][1]["error"]
     assert "skipped" in capsys.readouterr().err
+
+
+def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+def test_model_actors_take_a_gpu_each_and_decoding_in_them_takes_the_cpus_but_one():
+    cpu_only = [node(16), node(16)]
+    tasks = {"decode": "tasks", "num_cpus": 1, "num_gpus": 0, "calls": 1, "torch_threads": None}
+    assert actor_layout("auto", cpu_only) == actor_layout("tasks", cpu_only) == tasks
+    assert actor_layout("actor", cpu_only) == {**tasks, "decode": "actor"}
+    one_gpu = [node(3, 1)]  # jobs.bench predict's Ray on 2 cores
+    in_actor = {"decode": "actor", "num_cpus": 2, "num_gpus": 1, "calls": 3, "torch_threads": 1}
+    assert actor_layout("auto", one_gpu) == actor_layout("actor", one_gpu) == in_actor
+    assert actor_layout("tasks", one_gpu) == {
+        "decode": "tasks", "num_cpus": 0, "num_gpus": 1, "calls": 1, "torch_threads": None,
+    }  # fmt: skip
+    # The smallest share of a GPU node's CPUs decides, dead nodes aside; calls are capped.
+    mixed = [node(64), node(96, 8), node(17, 1), node(2, 4, alive=False)]
+    assert actor_layout("auto", mixed) == {**in_actor, "num_cpus": 11, "calls": 8}
+    assert actor_layout("actor", [node(1, 2)])["num_cpus"] == 1  # never less than one
+    assert actor_layout("actor", one_gpu, calls_per_actor=2)["calls"] == 2
+    with pytest.raises(ConfigError, match="decode must be"):
+        actor_layout("threads", one_gpu)
