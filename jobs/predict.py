@@ -195,31 +195,24 @@ def actor_layout(
     and concurrency, from the cluster's ``nodes`` (``ray.nodes()``).
 
     ``auto`` decodes in the actors where the cluster has GPUs (measured on one GPU node, 2 and 16
-    cores: docs/benchmarks.md), in tasks where it has none. With GPUs: one GPU per actor. Decoding in tasks, the actor holds no CPU (the tasks use them
-    all). Decoding in the actor, it holds its share of its GPU node's CPUs but one (left to the
-    reads) and runs that many calls plus one at once (at most :data:`MAX_CALLS_PER_ACTOR`), each
-    decoding on one torch thread, so that some decode while one runs the network.
-    Without GPUs: one CPU per actor and one call at a time (the network takes the cores through
-    torch's own threads; a second call at once would only contend with it).
+    cores: docs/benchmarks.md), in tasks where it has none. With GPUs: one GPU per actor.
+    Decoding in tasks, the actor holds no CPU (the tasks use them all). Decoding in the actor, it
+    holds its share of its GPU node's CPUs but one (left to the reads) and runs that many calls
+    plus one at once (at most :data:`MAX_CALLS_PER_ACTOR`), each decoding on one torch thread,
+    so that some decode while one runs the network. Without GPUs: one CPU per actor and one call
+    at a time (the network takes the cores through torch's own threads; a second call at once
+    would only contend with it).
     """
     gpu_nodes = [n["Resources"] for n in nodes if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
     if decode not in ("auto", "tasks", "actor"):
         raise ConfigError(f"decode must be 'auto', 'tasks' or 'actor', not {decode!r}")
     if decode == "auto":
         decode = "actor" if gpu_nodes else "tasks"
-    if not gpu_nodes:
+    if decode == "tasks" or not gpu_nodes:
         return {
             "decode": decode,
-            "num_cpus": 1,
-            "num_gpus": 0,
-            "calls": calls_per_actor or 1,
-            "torch_threads": None,
-        }
-    if decode == "tasks":
-        return {
-            "decode": decode,
-            "num_cpus": 0,
-            "num_gpus": 1,
+            "num_cpus": 0 if gpu_nodes else 1,
+            "num_gpus": 1 if gpu_nodes else 0,
             "calls": calls_per_actor or 1,
             "torch_threads": None,
         }
