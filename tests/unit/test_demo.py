@@ -1,7 +1,11 @@
 import io
 import time
 
+import pytest
+
 from jobs.demo import Terminal, progress
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_progress_bar_in_a_log_file_is_redrawn_only_when_the_count_moves():
