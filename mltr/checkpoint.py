@@ -273,3 +273,34 @@ class TrainState:
         selection = payload.pop("selection")
         selection["val_pr_curve"] = tuple(selection["val_pr_curve"])
         return cls(selection=Selection(**selection), **payload)
+
+
+def save_selected_model(model: MlTr, thresholds: list[float] | tuple[float, ...], folder: PathLike) -> Path:
+    """A checkpoint folder holding ``model`` as its selected weights, with per-class ``thresholds``
+    and no training history: what ``mltr predict``, ``evaluate`` and ``export`` read from
+    ``--model FOLDER``, for a network that no training run of this project produced."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, folder / MODEL_FILE)
+    selection = Selection(
+        weights="model",
+        calib_mAP=float("nan"),
+        thresholds=[float(t) for t in thresholds],
+        val={},
+        calib_per_class_ap=[],
+        val_per_class_ap=[],
+        val_pr_curve=([], []),
+    )
+    TrainState(
+        epoch=0,
+        selection=selection,
+        best_epoch=0,
+        best_calib_mAP=float("nan"),
+        history=[],
+        rng=[],
+        ema={},
+        optimizer={},
+        scheduler={},
+        scaler={},
+    ).save(folder / STATE_FILE)
+    return folder

@@ -69,38 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def checkpoint_folder(network, classes: tuple[str, ...], thresholds: tuple[float, ...], folder: Path) -> Path:
-    """A training checkpoint folder holding ``network`` as its selected weights (what
-    ``mltr predict --model FOLDER`` reads), without a training run."""
-    from mltr import save_checkpoint
-    from mltr.checkpoint import MODEL_FILE, STATE_FILE, Selection, TrainState
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(network, folder / MODEL_FILE)
-    selection = Selection(
-        weights="model",
-        calib_mAP=float("nan"),
-        thresholds=list(thresholds),
-        val={},
-        calib_per_class_ap=[],
-        val_per_class_ap=[],
-        val_pr_curve=([], []),
-    )
-    TrainState(
-        epoch=0,
-        selection=selection,
-        best_epoch=0,
-        best_calib_mAP=float("nan"),
-        history=[],
-        rng=[],
-        ema={},
-        optimizer={},
-        scheduler={},
-        scaler={},
-    ).save(folder / STATE_FILE)
-    return folder
-
-
 def log_model(network, info, work: Path) -> tuple[str, str]:
     """``network`` logged as the project's pyfunc in an embedded MLflow: (model URI, tracking URI)."""
     import mlflow
@@ -126,6 +94,7 @@ def run(config: BenchPredictConfig) -> dict:
     from jobs._runtime import init_ray
     from jobs.predict import actor_layout, batch_inference
     from mltr import create_model
+    from mltr.checkpoint import save_selected_model
     from mltr.serving import ModelInfo
     from pipeline.convert import convert
     from pipeline.dataset import load_manifest, read_split
@@ -157,7 +126,7 @@ def run(config: BenchPredictConfig) -> dict:
         model_uri, tracking_uri = log_model(network, info, work)
     else:
         model_uri, tracking_uri = (
-            str(checkpoint_folder(network, classes, info.thresholds, work / "checkpoint")),
+            str(save_selected_model(network, info.thresholds, work / "checkpoint")),
             None,
         )
     size = network.config.image_size

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.bench.predict import checkpoint_folder
 from jobs.predict import batch_inference
 from mltr import create_model
+from mltr.checkpoint import save_selected_model
 from mltr.serving import ModelInfo, Predictor
 
 pytestmark = pytest.mark.ray
@@ -26,7 +26,7 @@ def test_decoding_in_the_actors_answers_as_in_tasks_and_keeps_the_bad_rows(
     network = create_model("mltr_tiny", num_classes=3).eval()
     classes = ("a", "b", "c")
     info = ModelInfo(classes, (0.45, 0.5, 0.55), network.config.input_contract())
-    folder = str(checkpoint_folder(network, classes, info.thresholds, tmp_path / "checkpoint"))
+    folder = str(save_selected_model(network, info.thresholds, tmp_path / "checkpoint"))
     expected = Predictor(network, info).predict_encoded((p, None, p) for p in paths)
 
     source = ray_local.data.from_items([{"path": p} for p in paths])

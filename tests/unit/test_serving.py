@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mltr import create_model, save_checkpoint, tracking
+from mltr.checkpoint import save_selected_model
 from mltr.model import normalize
 from mltr.pyfunc import log_pyfunc_model
 from mltr.serving import ImageError, ModelInfo, Predictor, decode_image
@@ -123,3 +124,15 @@ def test_a_predictor_refuses_classes_that_do_not_match_the_network(network):
     info = ModelInfo(("a", "b"), (0.5, 0.5), network.config.input_contract())
     with pytest.raises(ValueError, match="2 classes for a network of 3 outputs"):
         Predictor(network, info)
+
+
+def test_a_network_saved_as_a_selected_model_folder_predicts_as_the_logged_model(logged, network, tmp_path):
+    # class 0 always, class 1 never, class 2 at 0.5: the logged model's thresholds
+    folder = save_selected_model(network, (0.0, 1.01, 0.5), tmp_path / "checkpoint")
+    predictor = Predictor.from_checkpoint(str(folder), CLASSES)
+    assert predictor.info.thresholds == pytest.approx((0.0, 1.01, 0.5))
+    jpeg = encoded(64, 48, "JPEG", 5)
+    (row,) = predictor.predict_encoded([("a.jpg", jpeg, None)])
+    (want,) = logged.predict(pd.DataFrame({"image": [jpeg]})).itertuples()
+    assert row["scores"] == pytest.approx(list(want.scores), abs=1e-6)
+    assert row["labels"] == list(want.labels) and row["error"] is None
