@@ -182,7 +182,9 @@ def mlflow_server(s3_server, postgres_db, tmp_path_factory):
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir(bucket)
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    # Without MLflow's job runner, as infra/compose.yaml runs the server (mltr uses none of the GenAI
+    # features it serves): 8 fewer processes, and ~20 s less CPU to start on a 2-core VM.
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     log = open(folder / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(

@@ -42,6 +42,7 @@ def auth_server(tmp_path):
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
         "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # as compose sets it
     }
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
