@@ -81,7 +81,7 @@ def head(aws_env):
             try:
                 api(address, env, "/api/jobs/")
                 break
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # not up yet, or an answer that is not the job list
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the head node did not serve jobs at {address}: {exc}") from None
             time.sleep(0.5)
