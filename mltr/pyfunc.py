@@ -4,7 +4,8 @@ A DataFrame with ``image`` (encoded JPEG or PNG bytes; base64 strings over JSON,
 through the signature's ``binary`` type) or ``path`` in; ``labels``, ``scores`` (class order: the
 metadata's ``classes``) and ``error`` out, one row per input row. Logged with its classes,
 thresholds, input contract, variant and dataset fingerprint in its metadata, a signature and an
-input example; loading it needs the mltr package installed.
+input example; loading it needs the mltr package installed. It is logged "from code": the model
+holds the short file ``mltr/_pyfunc_entry.py`` and no pickled object.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def log_pyfunc_model(weights: str | os.PathLike, info: ModelInfo, name: str = "m
         example = pd.DataFrame({IMAGE_COLUMN: [example_image(int(info.input["image_size"]))]})
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=MlTrPyfunc(),
+            python_model=Path(__file__).with_name("_pyfunc_entry.py"),
             artifacts={"weights": os.fspath(weights), "model_info": str(info_file)},
             signature=signature(),
             input_example=example,

@@ -309,7 +309,7 @@ def log_final_model(
     calibration split, their thresholds and their scores. Logged: the final metrics (``calib_mAP``,
     and ``val_mAP`` and CP..OF1 at the calibrated thresholds), a per-class table, the
     validation precision-recall plot, and the model: an MLflow pyfunc
-    (:class:`~mltr.serving.MlTrPyfunc`) taking encoded images and returning scores and labels,
+    (:class:`~mltr.pyfunc.MlTrPyfunc`) taking encoded images and returning scores and labels,
     with its classes, thresholds, input contract, variant and dataset fingerprint in its metadata.
     Returns the figures and the model's URI.
     """

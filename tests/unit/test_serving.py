@@ -15,7 +15,7 @@ from PIL import Image
 from mltr import create_model, save_checkpoint, tracking
 from mltr.checkpoint import save_selected_model
 from mltr.model import normalize
-from mltr.pyfunc import log_pyfunc_model
+from mltr.pyfunc import MlTrPyfunc, log_pyfunc_model
 from mltr.serving import ImageError, ModelInfo, Predictor, decode_image
 from pipeline.ingest import IngestConfig, transform_batch
 
@@ -52,6 +52,13 @@ def logged(network, tmp_path_factory):
         model_uri = log_pyfunc_model(tmp / "model.pt", info).model_uri
     with tracking.tracking_uri(uri):
         yield mlflow.pyfunc.load_model(model_uri)
+
+
+def test_the_model_is_logged_from_code_and_holds_no_pickled_object(logged):
+    flavor = logged.metadata.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert "python_model" not in flavor  # cloudpickle's python_model.pkl
+    assert type(logged.unwrap_python_model()) is MlTrPyfunc
 
 
 def test_scores_are_the_network_on_the_validation_preprocessing(logged, network):
