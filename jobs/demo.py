@@ -138,8 +138,10 @@ def run_epochs(client, experiment: str, name: str) -> int:
     return len(tracking.logged_epochs(client, runs[0].info.run_id)) if runs else 0
 
 
-def sweep_epochs(client, experiment: str, name: str) -> int:
-    """Epochs the trials of the sweep of this name have logged, together."""
+def sweep_epochs(client, experiment: str, name: str, per_trial: int) -> int:
+    """Epochs the trials of the sweep of this name have done, together: those they logged, and all
+    ``per_trial`` of a trial ASHA stopped early (tagged so once the sweep closes its run), whose
+    remaining epochs are saved, not missing: the bar ends full."""
     from jobs import tune
     from mltr import tracking
 
@@ -150,7 +152,12 @@ def sweep_epochs(client, experiment: str, name: str) -> int:
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", max_results=1000
     )
-    return sum(len(tracking.logged_epochs(client, child.info.run_id)) for child in children)
+    return sum(
+        per_trial
+        if child.data.tags.get(tune.STOPPED_EARLY_TAG) == "true"
+        else len(tracking.logged_epochs(client, child.info.run_id))
+        for child in children
+    )
 
 
 def sweep_table(client, parent_run_id: str) -> str:
@@ -235,7 +242,10 @@ def run(config: DemoConfig) -> dict:
         sweep_name = pipeline.run_name(sweeping, converted["fingerprint"])
         term.stage(4, "tune: window size 2, 4 x loss bce, asl (ASHA, 2 trials at a time)")
         with progress(
-            term, "      sweep", 4 * config.sweep_epochs, lambda: sweep_epochs(client, "mltr", sweep_name)
+            term,
+            "      sweep",
+            4 * config.sweep_epochs,
+            lambda: sweep_epochs(client, "mltr", sweep_name, config.sweep_epochs),
         ):
             swept, best_trial_run = pipeline.stage_train(sweeping, converted["fingerprint"])
         best = swept["best"]

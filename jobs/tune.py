@@ -47,6 +47,7 @@ log = logging.getLogger("jobs.tune")
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on its Trainer (Tune refuses 0: an empty head bundle)
 SWEEP_TAG = "mltr.sweep_name"  # on the sweep's parent run
+STOPPED_EARLY_TAG = "mltr.stopped_early"  # "true" on a trial run the scheduler stopped
 TRIAL_TAG = "mltr.trial_id"  # on each trial's child run
 
 
@@ -295,7 +296,7 @@ def _close_children(client: MlflowClient, records: list[TrialRecord]) -> None:
         if record.mlflow_run_id is None or record.status not in (STOPPED, INTERRUPTED):
             continue
         if client.get_run(record.mlflow_run_id).info.status in ("RUNNING", "FAILED"):
-            client.set_tag(record.mlflow_run_id, "mltr.stopped_early", str(record.status == STOPPED).lower())
+            client.set_tag(record.mlflow_run_id, STOPPED_EARLY_TAG, str(record.status == STOPPED).lower())
             client.set_terminated(record.mlflow_run_id, status="KILLED")
 
 

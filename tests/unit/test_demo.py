@@ -20,3 +20,27 @@ def test_the_progress_bar_in_a_log_file_is_redrawn_only_when_the_count_moves():
     draws = [d.split("|")[0].strip() for d in stream.getvalue().split("\r") if d.strip()]
     # Drawn when opened, once at 1 epoch (not once a poll), and at 3 when it closes.
     assert draws == ["train:   0%", "train:  33%", "train: 100%"], stream.getvalue()
+
+
+def test_the_sweep_bar_counts_a_trial_asha_stopped_as_done(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.demo import sweep_epochs
+    from jobs.tune import STOPPED_EARLY_TAG, SWEEP_TAG
+    from mltr.tracking import EPOCH_KEY
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("mltr", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, tags={SWEEP_TAG: "sweep"}).info.run_id
+    epochs = {"finished": 3, "stopped": 1, "running": 2}
+    children = {}
+    for name, logged in epochs.items():
+        child = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        for epoch in range(logged):
+            client.log_metric(child, EPOCH_KEY, epoch, step=epoch)
+        children[name] = child
+
+    assert sweep_epochs(client, "mltr", "sweep", per_trial=3) == 6  # while the sweep runs: what is logged
+    client.set_tag(children["stopped"], STOPPED_EARLY_TAG, "true")  # the sweep closes ASHA's trial
+    assert sweep_epochs(client, "mltr", "sweep", per_trial=3) == 8  # its two skipped epochs are done
+    assert sweep_epochs(client, "mltr", "another sweep", per_trial=3) == 0
