@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import re
 import sys
+from pathlib import Path
 
 JOBS = {
     "make-synthetic": "jobs.make_synthetic",
@@ -22,10 +26,25 @@ JOBS = {
 }
 
 
+def summary(module: str) -> str:
+    """The first sentence of a job module's docstring, read from its source: listing the jobs
+    imports none of them (each pulls in Ray, torch or MLflow)."""
+    spec = importlib.util.find_spec(module)
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) if spec and spec.origin else None
+    paragraph = " ".join((doc or "").split("\n\n")[0].split())
+    return re.split(r"(?<=\.)\s", paragraph.replace("``", ""), maxsplit=1)[0].rstrip(".")
+
+
+def usage() -> str:
+    width = max(map(len, JOBS))
+    lines = [f"  {name:<{width}}  {summary(module)}" for name, module in JOBS.items()]
+    return "usage: mltr <job> [flags]   (mltr <job> --help for its flags)\n\njobs:\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mltr <job> [flags]\n\njobs:\n" + "\n".join(f"  {name}" for name in JOBS))
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in JOBS:

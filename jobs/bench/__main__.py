@@ -1,4 +1,7 @@
-"""``python -m jobs.bench <name> [flags]``: dispatch to ``jobs.bench.<name>``."""
+"""Benchmarks of the stages, each against a baseline measured in the same run.
+
+``python -m jobs.bench <name> [flags]``: dispatch to ``jobs.bench.<name>``.
+"""
 
 from __future__ import annotations
 

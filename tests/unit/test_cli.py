@@ -63,6 +63,22 @@ def test_console_script_dispatches_to_jobs(tmp_path, capsys):
     assert "unknown job" in capsys.readouterr().err
 
 
+def test_the_job_list_says_what_each_job_does_without_importing_them(capsys):
+    assert cli.main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in lines[lines.index("jobs:") + 1 :]}
+    assert list(listed) == list(cli.JOBS)
+    assert listed["train"] == "Train MlTr on a converted dataset across a Ray cluster, tracked in MLflow"
+    assert listed["bench"].startswith("Benchmarks of the stages")  # the package's __main__
+    assert all(listed.values()) and not any("``" in text for text in listed.values())
+    assert cli.main([]) == 2 and "jobs:" in capsys.readouterr().err  # no job: usage, as an error
+    # Listing them loads none of the jobs' heavy imports (the console script answers at once).
+    probe = "import sys; from jobs import cli; cli.usage(); print(sorted({'torch', 'ray', 'mlflow'} & set(sys.modules)))"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+    )
+
+
 def test_user_errors_are_one_line_and_exit_2_while_bugs_keep_their_traceback(capsys):
     from jobs._runtime import run_job
     from mltr.errors import ConfigError
