@@ -27,6 +27,7 @@ REJECT_REASONS = {
     "too_large": "the image has more pixels than the decompression-bomb limit",
     "bad_annotation": "the image's annotation file is missing, malformed or names an unknown class",
     "outside_root": "the annotations place the image outside the dataset root",
+    "duplicate": "the annotations list the image id again (the first listing is kept)",
     "not_a_file": "the path is not a regular file (a folder, a FIFO, a device)",
 }
 # The most bytes read of one source image (the largest COCO image is a few MB): reads are capped, so

@@ -12,6 +12,7 @@ from pipeline.readers.base import (
     ImageEntry,
     LayoutError,
     Reject,
+    reject_duplicates,
 )
 from pipeline.readers.coco import read_coco
 from pipeline.readers.nuswide import read_nuswide
@@ -29,9 +30,9 @@ def read_index(dataset: str, root: str, splits: tuple[str, ...] = SPLITS) -> Dat
     if dataset not in READERS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
     unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
-        raise ConfigError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
-    return READERS[dataset](root, tuple(splits))
+    if unknown or not splits or len(set(splits)) != len(splits):
+        raise ConfigError(f"splits must be a non-empty subset of {SPLITS}, each once, got {splits}")
+    return reject_duplicates(READERS[dataset](root, tuple(splits)))
 
 
 __all__ = [

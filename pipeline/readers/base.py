@@ -96,15 +96,44 @@ class Fingerprint:
         self._hash = hashlib.sha256()
 
     def add(self, path: str | Path, data: bytes) -> bytes:
-        rel = Path(path).relative_to(self._root).as_posix() if Path(path).is_absolute() else str(path)
-        self._hash.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+        # Relative to the root however the root was written (``data/voc``, ``./data/voc``, absolute):
+        # the same files are the same dataset.
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(self._root))
+        self._hash.update(Path(rel).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little") + data)
         return data
 
     def read(self, path: str | Path) -> bytes:
         return self.add(path, Path(path).read_bytes())
 
+    def read_text(self, path: str | Path, encoding: str = "utf-8") -> str:
+        """A text annotation file, decoded; one that is not text in ``encoding`` names itself."""
+        data = self.read(path)
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise AnnotationError(path, f"not {encoding.upper()} text: {exc}") from None
+
     def hexdigest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
+
+
+def reject_duplicates(index: DatasetIndex) -> DatasetIndex:
+    """Keep the first listing of each image id; every later one (the same split or another, where it
+    would leak an image between train and val) becomes a ``duplicate`` reject naming the first."""
+    first: dict[str, ImageEntry] = {}
+    entries = []
+    for entry in index.entries:
+        kept = first.setdefault(entry.image_id, entry)
+        if kept is entry:
+            entries.append(entry)
+            continue
+        detail = (
+            f"image id {entry.image_id!r} ({entry.source_path}) is listed again in {entry.split}; "
+            f"its first listing, in {kept.split} ({kept.source_path}), is kept"
+        )
+        index.rejects.append(Reject(entry.image_id, entry.split, entry.source_path, "duplicate", detail))
+    index.entries = entries
+    return index
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -96,8 +96,20 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
             ann_ids = [a.get("id") for a in coco.imgToAnns[image_id]]
             detail = f"{path}: annotations {ann_ids} refer to image id {image_id!r}, which its 'images' do not list"
             rejects.append(Reject(str(image_id), split, str(path), "bad_annotation", detail))
+        # pycocotools keeps the last of entries that repeat an image id: keep the first, reject the others.
+        listed: dict = {}
+        for info in coco.dataset["images"]:
+            kept = listed.setdefault(info["id"], info)
+            if kept is not info:
+                detail = (
+                    f"{path}: image id {info['id']!r} is listed again (file_name {info.get('file_name')!r}); "
+                    f"its first entry ({kept.get('file_name')!r}) is kept"
+                )
+                rejects.append(
+                    Reject(str(info["id"]), split, str(info.get("file_name") or ""), "duplicate", detail)
+                )
         for image_id in sorted(coco.getImgIds()):
-            info = coco.imgs[image_id]
+            info = listed[image_id]
             anns = coco.imgToAnns.get(image_id, [])
             try:
                 labels = tuple(sorted({index_of[a["category_id"]] for a in anns}))
@@ -109,7 +121,11 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
                 empty[split] += 1
                 continue
             file_name = str(info.get("file_name") or "")
-            source = confined(root, SPLIT_DIRS[split], file_name) if file_name else None
+            if not file_name:
+                detail = f"{path}: image {image_id} has no file_name"
+                rejects.append(Reject(str(image_id), split, "", "bad_annotation", detail))
+                continue
+            source = confined(root, SPLIT_DIRS[split], file_name)
             if source is None:
                 detail = f"{path}: image {image_id} has file_name {file_name!r}, outside {root}"
                 rejects.append(Reject(str(image_id), split, file_name, "outside_root", detail))

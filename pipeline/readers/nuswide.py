@@ -73,7 +73,7 @@ def read_concepts(root: Path, fingerprint: Fingerprint, required: bool) -> list[
         if required:
             require_file(path, "the NUS-WIDE concept list")
         return list(NUS_CONCEPTS)
-    concepts = [line.strip() for line in fingerprint.read(path).decode().splitlines() if line.strip()]
+    concepts = [line.strip() for line in fingerprint.read_text(path).splitlines() if line.strip()]
     if len(set(concepts)) != len(concepts) or not concepts:
         raise AnnotationError(path, "the concept list is empty or repeats a concept")
     return concepts
@@ -94,17 +94,20 @@ def _read_official(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint
         list_path = require_file(
             root / "ImageList" / f"{tag}Imagelist.txt", f"the NUS-WIDE {split} image list"
         )
-        lines = [ln.strip() for ln in fingerprint.read(list_path).decode().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in fingerprint.read_text(list_path).splitlines() if ln.strip()]
         matrix = np.zeros((len(lines), len(concepts)), dtype=bool)
         for c, concept in enumerate(concepts):
             path = require_file(labels_dir / f"Labels_{concept}_{tag}.txt", f"the labels of {concept!r}")
             values = fingerprint.read(path).split()
             if len(values) != len(lines):
                 raise AnnotationError(path, f"{len(values)} labels for {len(lines)} images in {list_path}")
-            try:
-                matrix[:, c] = np.array(values, dtype=np.int8) != 0
-            except ValueError:
-                raise AnnotationError(path, "labels must be 0 or 1, one per line") from None
+            bad = next((i for i, v in enumerate(values) if v not in (b"0", b"1")), None)
+            if bad is not None:
+                value = values[bad].decode(errors="replace")
+                raise AnnotationError(
+                    path, f"label {bad + 1} is {value!r}: labels must be 0 or 1, one per line"
+                )
+            matrix[:, c] = np.array(values) == b"1"
         empty[split] = 0
         for line, row in zip(lines, matrix, strict=True):
             parts = PureWindowsPath(line).parts[-2:]  # dir\name.jpg (older lists hold a full C:\...\ path)
@@ -147,7 +150,7 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
     path = csv_files[0]
     concepts = read_concepts(root, fingerprint, required=False)
     index_of = {c: i for i, c in enumerate(concepts)}
-    reader = csv.DictReader(io.StringIO(fingerprint.read(path).decode("utf-8-sig")))
+    reader = csv.DictReader(io.StringIO(fingerprint.read_text(path, encoding="utf-8-sig")))
     missing_columns = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
     if missing_columns:
         raise AnnotationError(path, f"missing columns {missing_columns}; found {reader.fieldnames}")
@@ -187,12 +190,13 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
 def _rows(reader: csv.DictReader, path: Path, rejects: list[Reject]):
     """(line number, row) of a CSV; a line the csv module cannot read (a field over its limit) is rejected."""
     while True:
+        start = reader.line_num + 1  # a record starts on the line after the last one read
         try:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as exc:
-            line_no = reader.line_num
+        except csv.Error as exc:  # line_num may not count the line that failed: name where it starts
+            line_no = start
             detail = f"{path} line {line_no} (its split unread): {exc}"
             rejects.append(Reject(f"line {line_no}", "unknown", str(path), "bad_annotation", detail))
             continue

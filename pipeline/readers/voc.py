@@ -92,7 +92,7 @@ def read_voc(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Da
         list_path = require_file(
             voc / "ImageSets" / "Main" / f"{IMAGE_SETS[split]}.txt", f"the VOC {split} list"
         )
-        ids = [line.strip() for line in fingerprint.read(list_path).decode().splitlines() if line.strip()]
+        ids = [line.strip() for line in fingerprint.read_text(list_path).splitlines() if line.strip()]
         empty[split] = 0
         for image_id in ids:
             image_path = confined(voc, "JPEGImages", f"{image_id}.jpg")
@@ -106,6 +106,10 @@ def read_voc(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Da
                 objects = parse_objects(fingerprint.read(xml_path), str(xml_path))
             except FileNotFoundError:
                 rejects.append(Reject(image_id, split, image_path, "bad_annotation", f"missing {xml_path}"))
+                continue
+            except OSError as exc:  # a folder, no permission: the image's annotation is unreadable
+                detail = f"unreadable {xml_path}: {exc.strerror or exc}"
+                rejects.append(Reject(image_id, split, image_path, "bad_annotation", detail))
                 continue
             except ValueError as exc:
                 rejects.append(Reject(image_id, split, image_path, "bad_annotation", str(exc)))

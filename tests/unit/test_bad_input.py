@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+from pathlib import PureWindowsPath
 
 import pytest
 
 from pipeline.convert import process_batch
 from pipeline.images import ImageRejected, ImageSettings, read_file
-from pipeline.readers import read_index
+from pipeline.readers import AnnotationError, read_index
 from pipeline.readers.nuswide import MAX_LABEL_CELL
 from pipeline.synthetic import generate
 
@@ -131,3 +132,111 @@ def test_a_voc_image_id_that_leaves_the_root_is_rejected(tmp_path):
     index = read_index("voc", str(tmp_path))
     (reject,) = [r for r in index.rejects if r.reason == "outside_root"]
     assert reject.image_id == "../../../etc/passwd"
+
+
+def test_an_image_listed_twice_keeps_its_first_listing_and_never_leaks_into_val(tmp_path):
+    generate("voc", tmp_path, 16, seed=0)
+    main = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    train_ids = main.joinpath("trainval.txt").read_text().split()
+    labelled = {e.image_id for e in read_index("voc", str(tmp_path)).entries}
+    again, leaked = [i for i in train_ids if i in labelled][:2]
+    main.joinpath("trainval.txt").write_text("\n".join([*train_ids, again]) + "\n")  # twice in train
+    main.joinpath("test.txt").write_text(main.joinpath("test.txt").read_text() + leaked + "\n")  # and in val
+
+    index = read_index("voc", str(tmp_path))
+    ids = [e.image_id for e in index.entries]
+    assert len(ids) == len(set(ids)) and {again, leaked} <= set(ids)
+    assert {e.image_id: e.split for e in index.entries}[leaked] == "train"  # the first listing
+    duplicates = {r.image_id: r for r in index.rejects if r.reason == "duplicate"}
+    assert set(duplicates) == {again, leaked} and duplicates[leaked].split == "val"
+    assert "is listed again in val; its first listing, in train" in duplicates[leaked].detail
+
+
+def test_a_nuswide_image_in_both_lists_and_a_coco_id_listed_twice_are_duplicates(tmp_path):
+    nus = tmp_path / "nus"
+    generate("nuswide", nus, 12, seed=0)
+    # The same image in the test list too (and a 1 for it in every Test label file).
+    train_list, test_list = nus / "ImageList" / "TrainImagelist.txt", nus / "ImageList" / "TestImagelist.txt"
+    labelled = {e.image_id for e in read_index("nuswide", str(nus)).entries}
+    line = next(ln for ln in train_list.read_text().splitlines() if PureWindowsPath(ln).stem in labelled)
+    test_list.write_text(test_list.read_text() + line + "\n")
+    for labels in (nus / "Groundtruth" / "TrainTestLabels").glob("*_Test.txt"):
+        labels.write_text(labels.read_text() + "1\n")
+    (duplicate,) = [r for r in read_index("nuswide", str(nus)).rejects if r.reason == "duplicate"]
+    assert duplicate.image_id == PureWindowsPath(line).stem and duplicate.split == "val"
+
+    coco = tmp_path / "coco"
+    generate("coco", coco, 8, seed=0)
+    first = {}
+
+    def repeat_an_image(data):
+        image = next(
+            im for im in data["images"] if any(a["image_id"] == im["id"] for a in data["annotations"])
+        )
+        first.update(image)
+        data["images"].append({**image, "file_name": "COCO_train2014_999999999999.jpg"})
+
+    rewrite_coco(coco, "train", repeat_an_image)
+    index = read_index("coco", str(coco), ("train",))
+    (duplicate,) = [r for r in index.rejects if r.reason == "duplicate"]
+    assert duplicate.image_id == str(first["id"]) and "COCO_train2014_999999999999.jpg" in duplicate.detail
+    (entry,) = [e for e in index.entries if e.image_id == str(first["id"])]
+    assert entry.source_path.endswith(first["file_name"])  # pycocotools alone would keep the last
+
+
+def test_a_coco_image_without_a_file_name_is_a_bad_annotation(tmp_path):
+    generate("coco", tmp_path, 8, seed=0)
+    dropped = {}
+
+    def drop_a_file_name(data):
+        image = next(
+            im for im in data["images"] if any(a["image_id"] == im["id"] for a in data["annotations"])
+        )
+        dropped["id"] = image.pop("file_name") and image["id"]
+
+    rewrite_coco(tmp_path, "train", drop_a_file_name)
+    (reject,) = [
+        r for r in read_index("coco", str(tmp_path), ("train",)).rejects if r.image_id == str(dropped["id"])
+    ]
+    assert reject.reason == "bad_annotation" and "has no file_name" in reject.detail
+
+
+def test_text_annotations_that_are_not_utf8_name_the_file(tmp_path):
+    generate("voc", tmp_path / "voc", 8, seed=0)
+    trainval = tmp_path / "voc" / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt"
+    trainval.write_bytes(trainval.read_bytes() + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(AnnotationError) as info:
+        read_index("voc", str(tmp_path / "voc"))
+    assert info.value.path == str(trainval) and "not UTF-8 text" in info.value.problem
+
+    generate("nuswide", tmp_path / "nus", 8, seed=0)
+    image_list = tmp_path / "nus" / "ImageList" / "TrainImagelist.txt"
+    image_list.write_bytes("actor\\caf\u00e9.jpg\n".encode("latin-1") + image_list.read_bytes())
+    with pytest.raises(AnnotationError) as info:
+        read_index("nuswide", str(tmp_path / "nus"))
+    assert info.value.path == str(image_list)
+
+
+@pytest.mark.parametrize("value", ["2", "-1", "300", "yes"])
+def test_a_nuswide_label_that_is_not_0_or_1_names_the_file_and_line(tmp_path, value):
+    generate("nuswide", tmp_path, 8, seed=0)
+    path = tmp_path / "Groundtruth" / "TrainTestLabels" / "Labels_sky_Train.txt"
+    values = path.read_text().split()
+    values[2] = value
+    path.write_text("\n".join(values) + "\n")
+    with pytest.raises(AnnotationError) as info:
+        read_index("nuswide", str(tmp_path))
+    assert (
+        info.value.path == str(path) and f"label 3 is {value!r}: labels must be 0 or 1" in info.value.problem
+    )
+
+
+def test_a_voc_annotation_that_cannot_be_read_rejects_its_image(tmp_path):
+    generate("voc", tmp_path, 8, seed=0)
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    image_id = voc.joinpath("ImageSets", "Main", "trainval.txt").read_text().split()[0]
+    xml = voc / "Annotations" / f"{image_id}.xml"
+    xml.unlink()
+    xml.mkdir()  # a folder where the XML should be
+    (reject,) = [r for r in read_index("voc", str(tmp_path)).rejects if r.image_id == image_id]
+    assert reject.reason == "bad_annotation" and f"unreadable {xml}" in reject.detail

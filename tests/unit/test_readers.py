@@ -165,6 +165,17 @@ def test_unknown_split_is_refused(synthetic_root):
     root, _ = synthetic_root("coco")
     with pytest.raises(ValueError, match="splits"):
         read_index("coco", str(root), ("test",))
+    with pytest.raises(ValueError, match=r"each once, got \('train', 'train'\)"):  # every row twice
+        read_index("coco", str(root), ("train", "train"))
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc", "nuswide"])
+def test_fingerprint_does_not_depend_on_how_the_root_is_written(tmp_path, monkeypatch, fmt):
+    generate(fmt, tmp_path / "data" / fmt, 6, seed=0)
+    absolute = read_index(fmt, str(tmp_path / "data" / fmt)).fingerprint
+    monkeypatch.chdir(tmp_path)
+    assert read_index(fmt, f"data/{fmt}").fingerprint == absolute
+    assert read_index(fmt, f"./data/../data/{fmt}").fingerprint == absolute
 
 
 def test_fingerprint_changes_with_annotations(tmp_path):
