@@ -121,7 +121,10 @@ def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, A
             index = read_index(conversion.dataset, conversion.root)  # annotations only: the fingerprint
             stored = (manifest.image.max_side, manifest.image.quality)
             same_images = stored == (conversion.max_side, conversion.quality)
-            if manifest.fingerprint == index.fingerprint and same_images:
+            hollow = [s for s in manifest.splits if manifest.rows(s) == 0]
+            if hollow:  # the images were not where the annotations say last time: look again
+                log.info("1/4 preprocess: %s has no rows in %s: converting again", uri, ", ".join(hollow))
+            elif manifest.fingerprint == index.fingerprint and same_images:
                 log.info("1/4 preprocess: skipped, %s was converted from these annotations", uri)
                 return {
                     "skipped": True,
@@ -130,7 +133,10 @@ def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, A
                     "rows": {s: manifest.rows(s) for s in manifest.splits},
                     "rejects": manifest.rejects.total,
                 }
-            log.info("1/4 preprocess: %s is from other annotations or image settings: converting again", uri)
+            else:
+                log.info(
+                    "1/4 preprocess: %s is from other annotations or image settings: converting again", uri
+                )
     log.info("1/4 preprocess: converting %s (%s) into %s", conversion.root, conversion.dataset, uri)
     result = preprocess_job.run(preprocess_job.PreprocessConfig(conversion=conversion, address=address))
     manifest = load_manifest(result["uri"])

@@ -98,6 +98,9 @@ def run(config: PreprocessConfig) -> dict:
         summary.empty,
         summary.images_per_second,
     )
+    for split, rows in summary.rows.items():
+        if rows == 0:  # written as an empty split, as asked; training refuses it
+            log.warning("split %s has no rows: every image it lists was rejected or has no label", split)
     result = summary.as_dict()
     del result["reject_examples"]
     return {**result, "config": to_dict(config)}

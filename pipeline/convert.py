@@ -255,6 +255,15 @@ def _convert(
             f"the dataset at {location.uri} has other classes than {index.root}: convert all of its splits "
             f"({', '.join(list(committed.splits))}) to replace it, or use another --out"
         )
+    if kept:  # the manifest records one image setting for every split
+        stored = {"max_side": committed.image.max_side, "quality": committed.image.quality}
+        asked = {"max_side": settings.max_side, "quality": settings.quality}
+        if stored != asked:
+            raise ConfigError(
+                f"the dataset at {location.uri} stores {', '.join(kept)} with {_flags(stored)}; this "
+                f"conversion asks {_flags(asked)}: pass the same, or convert all of its splits "
+                f"({', '.join(list(committed.splits))}) to change them"
+            )
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     order = {s: i for i, s in enumerate(index.splits)}
@@ -292,7 +301,9 @@ def _convert(
     rejects_file = f"_rejects-{run_id}.jsonl"
     location.join(rejects_file).write_text("".join(json.dumps(r) + "\n" for r in rejects))
     files.sort(key=lambda f: f["path"])
-    reject_counts = dict(sorted(Counter(r["reason"] for r in rejects if r["split"] in index.splits).items()))
+    # This conversion's rejects: its splits' and those of lines whose split could not be read.
+    ours = [r for r in rejects if r["split"] not in kept]
+    reject_counts = dict(sorted(Counter(r["reason"] for r in ours).items()))
     images_per_second = round(len(rows) / seconds, 2) if seconds > 0 else 0.0
     split_infos = {
         s: SplitInfo(
@@ -316,7 +327,10 @@ def _convert(
         rejects=RejectSummary(
             total=len(rejects),
             by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            by_split={s: sum(1 for r in rejects if r["split"] == s) for s in splits},
+            by_split={
+                s: sum(1 for r in rejects if r["split"] == s)
+                for s in (*splits, *sorted({r["split"] for r in rejects} - set(splits)))
+            },
             file=rejects_file,
         ),
         image=ImageInfo(format="jpeg", **asdict(settings)),
@@ -335,8 +349,12 @@ def _convert(
         empty=index.empty,
         seconds=round(seconds, 3),
         images_per_second=images_per_second,
-        reject_examples=[r for r in rejects if r["split"] in index.splits][:REJECT_EXAMPLES],
+        reject_examples=ours[:REJECT_EXAMPLES],
     )
+
+
+def _flags(settings: dict) -> str:
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items())
 
 
 def _refuse_shrink(

@@ -98,6 +98,31 @@ def test_rerun_with_fewer_splits_keeps_the_splits_it_does_not_rewrite(ray_local,
         before.fingerprint,
         read_index("voc", str(root), ("train",)).fingerprint,
     )
+    # Other image settings for one split would leave the manifest wrong about the kept one: refused.
+    with pytest.raises(
+        ConfigError, match=r"stores val with --max-side 512 --quality 90; this conversion asks --max-side 64"
+    ):
+        convert(read_index("voc", str(root), ("train",)), str(tmp_path), ImageSettings(max_side=64))
+    assert load_manifest(str(tmp_path / "voc")) == manifest
+
+
+def test_csv_lines_whose_split_cannot_be_read_are_in_the_report(ray_local, tmp_path):
+    from pipeline.synthetic import generate
+
+    generate("nuswide", tmp_path / "src", 12, seed=0, layout="csv")
+    csv_path = tmp_path / "src" / "nus_wide.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[3] = lines[3].split(",", 1)[0] + ',"[' + "-" * 200_000 + '1]",train'  # over csv's field limit
+    csv_path.write_text("\n".join(lines) + "\n")
+    summary = convert(read_index("nuswide", str(tmp_path / "src")), str(tmp_path / "out"))
+    unread = [r for r in summary.reject_examples if r["split"] == "unknown"]
+    assert len(unread) == 1 and "line 4" in unread[0]["detail"]
+    assert summary.rejects.get("bad_annotation") == 1
+    manifest = load_manifest(str(tmp_path / "out" / "nuswide"))
+    assert (
+        manifest.rejects.by_split["unknown"] == 1
+        and sum(manifest.rejects.by_split.values()) == manifest.rejects.total
+    )
 
 
 def test_an_interrupted_rerun_leaves_the_committed_dataset_readable(ray_local, synthetic_root, tmp_path):
@@ -167,6 +192,16 @@ def test_dataset_where_every_image_is_rejected(ray_local, tmp_path):
     assert summary.rows == {"train": 0, "val": 0}
     assert summary.rejects == {"unreadable": len(truth.rows())}
     assert read_split(str(tmp_path / "out" / "coco"), "train").count() == 0
+
+    # The pipeline does not take that dataset for done because its annotations have not changed:
+    # with the images fixed, it converts again; then it skips.
+    from jobs import pipeline
+
+    generate("coco", root, 4, seed=0)
+    config = pipeline.parse(["--dataset", "coco", "--root", str(root), "--out", str(tmp_path / "out")])
+    again = pipeline.stage_preprocess(config, address=None)
+    assert not again["skipped"] and again["rows"] == {s: len(truth.rows(s)) for s in ("train", "val")}
+    assert pipeline.stage_preprocess(config, address=None)["skipped"]
 
 
 def test_two_conversions_into_one_folder_at_once_the_second_is_refused(ray_local, tmp_path):
