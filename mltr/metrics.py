@@ -104,6 +104,9 @@ def mean_average_precision(scores: Any, targets: Any, ignore: Any = None) -> tup
     return (float(per_class[present].mean()) if present.any() else float("nan")), per_class
 
 
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))  # the largest threshold that still predicts (logit ~36.7)
+
+
 def _logit(threshold: Any) -> torch.Tensor:
     return torch.logit(torch.as_tensor(threshold, dtype=torch.float64))
 
@@ -151,7 +154,10 @@ def best_f1_thresholds(logits: Any, targets: Any, ignore: Any = None, default: f
     """Per-class probability thresholds (K,) maximising each class's F1 on a validation set.
 
     For each class the candidates are its distinct scores (predict ``>=`` the candidate); ties in
-    F1 go to the highest threshold. Classes without positives get ``default``. Apply them with
+    F1 go to the highest threshold. The threshold returned lies halfway (in logits) between the
+    chosen score and the next lower one, so that the chosen predictions survive the round trip
+    through a probability (``logit(sigmoid(x))`` is not always ``x``), and under 1.0, which would
+    predict nothing. Classes without positives get ``default``. Apply them with
     :func:`apply_thresholds`.
     """
     scores, positive, valid = _prepare(_as_tensor(logits, torch.float64), targets, ignore)
@@ -163,8 +169,11 @@ def best_f1_thresholds(logits: Any, targets: Any, ignore: Any = None, default: f
         # N, k: F1 when predicting this entry's tie group and every higher score.
         f1 = 2 * tp / (tp + fp + num_pos).clamp(min=1)
         best = f1.argmax(0)  # k: first maximum, i.e. the highest threshold among equals
-        chosen = torch.sigmoid(ranked.gather(0, best.unsqueeze(0)).squeeze(0))  # k
-        out.append(torch.where(num_pos > 0, chosen, torch.full_like(chosen, default)))
+        chosen = ranked.gather(0, best.unsqueeze(0)).squeeze(0)  # k: the lowest score predicted
+        below = torch.where(ranked < chosen, ranked, torch.full_like(ranked, float("-inf"))).amax(0)
+        below = torch.where(below > float("-inf"), below, chosen - 1.0)  # every score is predicted
+        threshold = torch.sigmoid((chosen + below) / 2).clamp(max=_BELOW_ONE)
+        out.append(torch.where(num_pos > 0, threshold, torch.full_like(threshold, default)))
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

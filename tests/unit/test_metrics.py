@@ -128,6 +128,32 @@ def test_best_f1_thresholds_beat_every_candidate(tied):
         assert f1_score(y, pred[keep, k]) == pytest.approx(best)
 
 
+def test_best_f1_thresholds_keep_their_predictions_through_a_probability():
+    # 400 classes of float32 logits (as the network gives them): applied as logits
+    # (apply_thresholds) or as probabilities (the served model), each threshold predicts what it
+    # was chosen for. A threshold that is the sigmoid of a score lost that score in about one
+    # class in four (logit(sigmoid(x)) > x).
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(60, 400)).astype(np.float32)
+    targets = rng.random((60, 400)) < 0.3
+    thresholds = best_f1_thresholds(torch.from_numpy(logits), targets)
+    as_logits = apply_thresholds(torch.from_numpy(logits), thresholds).numpy()
+    as_probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy() >= thresholds
+
+    def f1(predicted, y):  # F1 of each row of bool predictions (R, N) against y (N,)
+        tp = (predicted & y).sum(-1)
+        return 2 * tp / (predicted.sum(-1) + y.sum())
+
+    for k in range(400):
+        y = targets[:, k]
+        best = f1(logits[:, k][None, :] >= np.unique(logits[:, k])[:, None], y).max()
+        assert f1(as_logits[:, k], y) == best and f1(as_probabilities[:, k], y) == best, k
+    # A best cut above logit ~36.7 (sigmoid 1.0 in float64) still predicts.
+    saturated = torch.tensor([[40.0], [39.0], [-1.0], [-2.0]], dtype=torch.float64)
+    threshold = best_f1_thresholds(saturated, np.array([[1], [1], [0], [0]]))
+    assert apply_thresholds(saturated, threshold)[:, 0].tolist() == [True, True, False, False]
+
+
 def test_accumulator_equals_one_shot():
     scores, targets, ignore = make(4, tied=False)
     acc = MetricAccumulator()
