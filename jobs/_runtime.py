@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -182,5 +183,17 @@ def run_job(name: str, body: Callable[[], dict | None]) -> int:
         return EXIT_INTERRUPTED
     disconnect()
     if result is not None:
-        print(json.dumps(result), flush=True)
+        print(json.dumps(json_safe(result)), flush=True)
     return 0
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``null``: the last line is JSON any parser reads (Python's
+    ``json`` writes ``NaN``, which is not JSON), e.g. the mAP of a split without positives."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -86,7 +86,15 @@ def run(config: EvaluateConfig) -> dict:
     client = (
         config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) or config.log_results else None
     )
-    predictor = load_predictor(config.model, client, tuple(manifest.classes), config.batch_size)
+    version = model_version(client, config.model) if config.log_results else None
+    if config.log_results and version is None:
+        raise ConfigError(
+            f"--log needs a registered model (models:/NAME/N or models:/NAME@alias), not {config.model}"
+        )
+    # An alias is resolved once, before scoring: the figures go on the version that was scored,
+    # even if a promotion moves the alias meanwhile.
+    source = f"models:/{version.name}/{version.version}" if version is not None else config.model
+    predictor = load_predictor(source, client, tuple(manifest.classes), config.batch_size)
     check_classes(predictor, manifest, config.model)
     figures = evaluate(predictor, manifest, config.split, config.batch_size, config.top_k)
     print(
@@ -94,12 +102,7 @@ def run(config: EvaluateConfig) -> dict:
         flush=True,
     )
     out = {"model": config.model, "data": manifest.uri, "split": config.split, **figures}
-    if config.log_results:
-        version = model_version(client, config.model)
-        if version is None:
-            raise ConfigError(
-                f"--log needs a registered model (models:/NAME/N or models:/NAME@alias), not {config.model}"
-            )
+    if version is not None:
         prefix = f"mltr.eval.{config.split}"
         for name, value in {**figures["metrics"], "images": figures["images"]}.items():
             client.set_model_version_tag(version.name, version.version, f"{prefix}.{name}", f"{value:.6g}")

@@ -9,7 +9,8 @@ split (never from logged metrics); the decision is on the mAP difference, with a
 bootstrap interval over images. ``champion`` moves only when the difference is at least
 ``--min-gain`` (or with ``--force``); the displaced champion becomes ``previous-champion``. The
 decision, both scores and the interval are tags on both versions. With no champion yet the
-candidate becomes champion. ``--rollback`` swaps ``champion`` and ``previous-champion``. Every
+candidate becomes champion once it is scored (its classes checked against the dataset's).
+``challenger`` is removed from a version that becomes champion, if it still points there. ``--rollback`` swaps ``champion`` and ``previous-champion``. Every
 alias move happens under the model's promotion lease and is read back. Ends with one JSON line.
 """
 
@@ -27,6 +28,7 @@ from jobs._models import TrackingArgs, check_classes, load_predictor, score_spli
 from jobs._runtime import run_job, setup_logging
 from mltr import registry
 from mltr.errors import ConfigError
+from mltr.metrics import mean_average_precision
 from pipeline.dataset import load_manifest
 
 log = logging.getLogger("jobs.promote")
@@ -71,7 +73,7 @@ def rollback(client: MlflowClient, config: PromoteConfig, lease: registry.Promot
             f"{config.name!r} has no champion and previous-champion to swap: {current}"
         )
     after = registry.move_aliases(
-        client, config.name, {registry.CHAMPION: previous, registry.PREVIOUS: champion}
+        client, config.name, {registry.CHAMPION: previous, registry.PREVIOUS: champion}, lease
     )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     base = {"at": stamp, "lease": lease.holder["id"]}
@@ -88,6 +90,18 @@ def rollback(client: MlflowClient, config: PromoteConfig, lease: registry.Promot
     }
 
 
+def _champion_moves(client: MlflowClient, name: str, candidate: str, champion: str | None) -> dict:
+    """The alias moves that make ``candidate`` the champion. ``challenger`` goes too when it still
+    points at the candidate, read now: a version registered while the models were scored took
+    ``challenger`` (registering takes no lease) and keeps it, to be judged in its turn."""
+    moves: dict[str, str | None] = {registry.CHAMPION: candidate}
+    if champion is not None:
+        moves[registry.PREVIOUS] = champion
+    if registry.aliases(client, name).get(registry.CHALLENGER) == candidate:
+        moves[registry.CHALLENGER] = None
+    return moves
+
+
 def promote(client: MlflowClient, config: PromoteConfig, lease: registry.PromotionLease) -> dict:
     name = config.name
     candidate = registry.resolve_version(
@@ -100,19 +114,43 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
     cand = str(candidate.version)
     if champion == cand:
         raise registry.RegistryError(f"{name!r} version {cand} is already the champion")
-    if champion is None:
-        after = registry.move_aliases(client, name, {registry.CHAMPION: cand})
-        _record(client, name, cand, PROMOTION, {**base, "decision": "first-champion"})
-        return {"name": name, "decision": "first-champion", "champion": cand, "aliases": after}
 
+    # Even a first champion is scored: it must predict this dataset's classes, on a split the
+    # dataset has, and its score goes on record beside the decision.
     manifest = load_manifest(config.data)
     scores = {}
-    for role, version in (("candidate", cand), ("champion", champion)):
+    roles = [("candidate", cand)] + ([("champion", champion)] if champion is not None else [])
+    for role, version in roles:
         predictor = load_predictor(f"models:/{name}/{version}", client, batch_size=config.batch_size)
         check_classes(predictor, manifest, f"models:/{name}/{version}")
         logits, targets, ignore = score_split(predictor, manifest, config.split, config.batch_size)
         scores[role] = logits
         log.info("scored %s version %s on %s/%s", role, version, manifest.uri, config.split)
+    where = {
+        "data": f"{manifest.uri}#{config.split}",
+        "dataset_fingerprint": manifest.fingerprint,
+        "images": str(len(targets)),
+    }
+    if champion is None:
+        candidate_map, _ = mean_average_precision(scores["candidate"], targets, ignore)
+        tags = {
+            **base,
+            "decision": "first-champion",
+            "candidate": cand,
+            "candidate_mAP": f"{candidate_map:.6f}",
+        }
+        lease.check()
+        _record(client, name, cand, PROMOTION, {**tags, **where})
+        after = registry.move_aliases(client, name, _champion_moves(client, name, cand, None), lease)
+        return {
+            "name": name,
+            "decision": "first-champion",
+            "candidate": cand,
+            "champion": cand,
+            "candidate_mAP": candidate_map,
+            "images": len(targets),
+            "aliases": after,
+        }
     comparison = registry.paired_bootstrap(
         scores["candidate"], scores["champion"], targets, ignore, resamples=config.resamples
     )
@@ -128,20 +166,17 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
         "gain": f"{comparison.gain:.6f}",
         "gain_ci95": f"[{comparison.low:.6f}, {comparison.high:.6f}]",
         "min_gain": f"{config.min_gain:g}",
-        "data": f"{manifest.uri}#{config.split}",
-        "dataset_fingerprint": manifest.fingerprint,
-        "images": str(comparison.images),
+        **where,
     }
     # The decision is recorded before any alias moves: an alias never points at a version whose
     # recorded decision lost (a crash in between leaves the old champion in place).
+    lease.check()
     _record(client, name, cand, PROMOTION, tags)
     _record(client, name, champion, CHALLENGE, tags)
-    after = current
     if decision != "refused":
-        moves = {registry.CHAMPION: cand, registry.PREVIOUS: champion}
-        if current.get(registry.CHALLENGER) == cand:
-            moves[registry.CHALLENGER] = None  # the challenger won: it is the champion now
-        after = registry.move_aliases(client, name, moves)
+        after = registry.move_aliases(client, name, _champion_moves(client, name, cand, champion), lease)
+    else:
+        after = registry.aliases(client, name)
     return {
         "name": name,
         "decision": decision,
@@ -183,6 +218,12 @@ def run(config: PromoteConfig) -> dict:
             f"{config.name}: candidate v{result['candidate']} mAP {result['candidate_mAP']:.4f} vs champion "
             f"mAP {result['champion_mAP']:.4f}: gain {result['gain']:+.4f} "
             f"(95% CI {result['gain_ci95'][0]:+.4f} .. {result['gain_ci95'][1]:+.4f}, {result['images']} images) -> {line}",
+            flush=True,
+        )
+    elif "candidate_mAP" in result:
+        print(
+            f"{config.name}: v{result['candidate']} mAP {result['candidate_mAP']:.4f} ({result['images']} images) "
+            f"-> {line}: there was no champion",
             flush=True,
         )
     else:

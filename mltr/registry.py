@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -155,6 +156,10 @@ class LeaseBusy(RegistryError):
     """Another promotion of the same model holds the lease and did not release it in time."""
 
 
+class LeaseLost(RegistryError):
+    """This promotion's lease is no longer its own (taken over as stale): it must not move aliases."""
+
+
 class PromotionLease:
     """Mutual exclusion of promotions of one registered model, on a registered-model tag.
 
@@ -164,6 +169,10 @@ class PromotionLease:
     lease only if it reads itself back. Of two takers that both found it free, the later write
     wins and the earlier one sees it. The holder (id, host, pid, since, expires) is recorded on
     the model, so a stuck promotion is visible; a lease past ``ttl_s`` is taken over.
+
+    While held, a thread renews the lease every ``ttl_s / 4`` (scoring two models may outlast
+    ``ttl_s``); :meth:`check` before every alias move raises :class:`LeaseLost` when the lease
+    is not this holder's any more (renewals failed until it went stale and another took it).
     """
 
     def __init__(
@@ -177,13 +186,51 @@ class PromotionLease:
         self.client, self.name = client, name
         self.ttl_s, self.settle_s, self.wait_s = ttl_s, settle_s, wait_s
         self.holder: dict | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._lost: str | None = None
 
     def read(self) -> dict | None:
+        """The recorded holder; ``None`` when free or unreadable (a tag that is not a holder's can
+        hold no one out: it is taken over, with a warning, as a stale one is)."""
         text = self.client.get_registered_model(self.name).tags.get(LEASE_TAG)
         try:
-            return json.loads(text) if text else None
+            current = json.loads(text) if text else None
         except json.JSONDecodeError:
-            return None  # unreadable: treated as free (it can hold no one out)
+            current = None
+        if text and not (
+            isinstance(current, dict) and isinstance(current.get("expires"), int | float) and "id" in current
+        ):
+            log.warning(
+                "the promotion lease tag of %s is not a holder's (%r): taking it as free", self.name, text
+            )
+            return None
+        return current
+
+    def _renew(self) -> None:
+        period = self.ttl_s / 4
+        while not self._stop.wait(period):
+            try:
+                current = self.read()
+                if current is None or current.get("id") != self.holder["id"]:
+                    self._lost = f"the lease of {self.name!r} is held by another promotion now: {current}"
+                    return
+                self.holder = {**self.holder, "expires": time.time() + self.ttl_s}
+                self.client.set_registered_model_tag(self.name, LEASE_TAG, json.dumps(self.holder))
+            except Exception as exc:  # a registry hiccup: the next period tries again; check() judges
+                log.warning("could not renew the promotion lease of %s: %s", self.name, exc)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless this holder still holds the lease, unexpired."""
+        current = self.read()
+        if self._lost or self.holder is None or current is None or current.get("id") != self.holder["id"]:
+            raise LeaseLost(
+                self._lost or f"the promotion lease of {self.name!r} is not ours any more: {current}"
+            )
+        if current["expires"] < time.time():
+            raise LeaseLost(
+                f"the promotion lease of {self.name!r} expired at {time.ctime(current['expires'])}"
+            )
 
     def __enter__(self) -> PromotionLease:
         me = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
@@ -206,6 +253,10 @@ class PromotionLease:
                     current = self.read()
                     if current is not None and current.get("id") == me["id"]:
                         self.holder = mine
+                        self._renewer = threading.Thread(
+                            target=self._renew, name=f"lease-{self.name}", daemon=True
+                        )
+                        self._renewer.start()
                         return self
             if time.monotonic() > deadline:
                 raise LeaseBusy(
@@ -215,14 +266,21 @@ class PromotionLease:
             time.sleep(self.settle_s / 2 + random.random() * self.settle_s)
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
         current = self.read()
         if self.holder and current and current.get("id") == self.holder["id"]:
             self.client.delete_registered_model_tag(self.name, LEASE_TAG)
         self.holder = None
 
 
-def move_aliases(client: MlflowClient, name: str, wanted: Mapping[str, str | None]) -> dict[str, str]:
-    """Set (or, for None, delete) aliases; read them back and raise if any is not as written."""
+def move_aliases(
+    client: MlflowClient, name: str, wanted: Mapping[str, str | None], lease: PromotionLease
+) -> dict[str, str]:
+    """Set (or, for None, delete) aliases under ``lease`` (checked first); read them back and raise
+    if any is not as written."""
+    lease.check()
     for alias, version in wanted.items():
         if version is None:
             if alias in aliases(client, name):

@@ -117,6 +117,10 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
 
     first = promote.run(promote_args("--version", worse))
     assert first["decision"] == "first-champion" and aliases(client, name)["champion"] == worse
+    # Scored like any candidate (its classes checked against the data), its figure on record.
+    assert first["candidate_mAP"] == pytest.approx(min(figures.values()), abs=1e-6)
+    recorded = client.get_model_version(name, worse).tags["mltr.promotion.candidate_mAP"]
+    assert recorded == f"{first['candidate_mAP']:.6f}"
 
     won = promote.run(promote_args("--version", better))
     assert won["decision"] == "promoted" and won["gain"] > 0 and won["gain_ci95"][0] <= won["gain"]

@@ -79,6 +79,25 @@ def test_the_job_list_says_what_each_job_does_without_importing_them(capsys):
     )
 
 
+def test_the_last_line_is_strict_json_when_a_figure_is_nan(capsys):
+    import numpy as np
+
+    from jobs._runtime import run_job
+
+    figures = {"mAP": float("nan"), "gain_ci95": [np.float64("nan"), 0.5], "per_class": {"a": float("inf")}}
+    assert run_job("evaluate", lambda: figures) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(last, parse_constant=refuse) == {
+        "mAP": None,
+        "gain_ci95": [None, 0.5],
+        "per_class": {"a": None},
+    }
+
+
 def test_user_errors_are_one_line_and_exit_2_while_bugs_keep_their_traceback(capsys):
     from jobs._runtime import run_job
     from mltr.errors import ConfigError

@@ -92,3 +92,28 @@ def test_unknown_versions_and_aliases_say_what_exists(model_name):
         registry.resolve_version(client, name, alias="champion")
     with pytest.raises(registry.RegistryError, match="no registered model 'x'"):
         registry.resolve_version(client, "x", version=1)
+
+
+def test_a_held_lease_is_renewed_so_a_long_promotion_is_not_taken_over(model_name):
+    client, name = model_name
+    with registry.PromotionLease(client, name, ttl_s=0.8, settle_s=0.05) as held:
+        # Held three times its ttl (two models scored on a large split): renewed, never stale.
+        with (
+            pytest.raises(registry.LeaseBusy),
+            registry.PromotionLease(client, name, ttl_s=0.8, settle_s=0.05, wait_s=2.4),
+        ):
+            pass
+        held.check()  # still its own: it may move aliases
+        assert client.get_registered_model(name).tags[registry.LEASE_TAG].count(held.holder["id"]) == 1
+    assert registry.LEASE_TAG not in client.get_registered_model(name).tags
+
+
+@pytest.mark.parametrize(
+    "tag", ["not json", "[]", '{"id": "x", "expires": "2030-01-01"}', '{"expires": 4e9}']
+)
+def test_a_lease_tag_that_is_not_a_holders_is_taken_as_free(model_name, tag):
+    client, name = model_name
+    client.set_registered_model_tag(name, registry.LEASE_TAG, tag)
+    with registry.PromotionLease(client, name, settle_s=0.05, wait_s=1) as lease:
+        lease.check()
+    assert registry.LEASE_TAG not in client.get_registered_model(name).tags
