@@ -50,7 +50,7 @@ from pipeline.dataset import (
     load_manifest,
 )
 from pipeline.images import ImageRejected, ImageSettings, process_image, read_file
-from pipeline.readers.base import DatasetIndex
+from pipeline.readers.base import SPLITS, DatasetIndex
 from pipeline.storage import Lease, Location, resolve
 
 log = logging.getLogger(__name__)
@@ -229,12 +229,22 @@ def convert(
         return _convert(index, location, settings, rows_per_shard, num_blocks, allow_shrink)
 
 
-def _committed(location: Location) -> Manifest | None:
+def _committed(location: Location, splits: tuple[str, ...]) -> Manifest | None:
+    """The committed dataset's manifest; ``None`` when there is none, or one that cannot be read
+    and this conversion rewrites every split (it replaces the dataset). Rewriting only some of
+    them is refused: which shards the others hold is what the manifest would say, and they would
+    be removed as stale."""
     if not location.join(MANIFEST).exists():
         return None
     try:
         return load_manifest(location.uri)
     except DatasetNotFound as exc:  # unreadable or another schema version: nothing to keep
+        if set(splits) != set(SPLITS):
+            raise ConfigError(
+                f"the dataset at {location.uri} has a manifest that cannot be read ({exc}); converting "
+                f"only {', '.join(splits)} would remove the shards of the other splits: convert every split "
+                f"({', '.join(SPLITS)}) to replace it, or use another --out"
+            ) from None
         log.warning("replacing the uncommitted or unreadable dataset at %s (%s)", location.uri, exc)
         return None
 
@@ -248,7 +258,7 @@ def _convert(
     allow_shrink: bool,
 ) -> ConvertSummary:
     start = time.perf_counter()
-    committed = _committed(location)
+    committed = _committed(location, index.splits)
     kept = [s for s in (committed.splits if committed else {}) if s not in index.splits]
     if kept and tuple(committed.classes) != tuple(index.classes):
         raise ConfigError(

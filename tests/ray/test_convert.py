@@ -140,6 +140,18 @@ def test_an_interrupted_rerun_leaves_the_committed_dataset_readable(ray_local, s
     assert not (tmp_path / "coco" / "_lease.json").exists()  # released on the way out
 
 
+def test_a_manifest_that_cannot_be_read_is_replaced_only_by_every_split(ray_local, synthetic_root, tmp_path):
+    root, truth = synthetic_root("voc")
+    convert(read_index("voc", str(root)), str(tmp_path))
+    (tmp_path / "voc" / MANIFEST).write_text("{ torn")
+    train_shards = sorted((tmp_path / "voc" / "train").glob("*.parquet"))
+    with pytest.raises(ConfigError, match="cannot be read .* would remove the shards of the other splits"):
+        convert(read_index("voc", str(root), ("val",)), str(tmp_path))
+    assert sorted((tmp_path / "voc" / "train").glob("*.parquet")) == train_shards and train_shards
+    convert(read_index("voc", str(root)), str(tmp_path))  # every split: it replaces the dataset
+    assert read_split(str(tmp_path / "voc"), "train").count() == len(truth.rows("train"))
+
+
 def test_a_first_conversion_that_crashes_leaves_no_readable_dataset(ray_local, synthetic_root, tmp_path):
     root, _ = synthetic_root("coco")
     index = read_index("coco", str(root))
