@@ -10,8 +10,10 @@ bootstrap interval over images. ``champion`` moves only when the difference is a
 ``--min-gain`` (or with ``--force``); the displaced champion becomes ``previous-champion``. The
 decision, both scores and the interval are tags on both versions. With no champion yet the
 candidate becomes champion once it is scored (its classes checked against the dataset's).
-``challenger`` is removed from a version that becomes champion, if it still points there. ``--rollback`` swaps ``champion`` and ``previous-champion``. Every
-alias move happens under the model's promotion lease and is read back. Ends with one JSON line.
+``challenger`` leaves a version that becomes champion, if it still points there. ``--rollback``
+swaps ``champion`` and ``previous-champion``. Every alias move happens under the model's
+promotion lease (renewed while held, checked before each move) and is read back. Ends with one
+JSON line.
 """
 
 from __future__ import annotations

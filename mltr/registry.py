@@ -234,6 +234,8 @@ class PromotionLease:
 
     def __enter__(self) -> PromotionLease:
         me = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop.clear()
+        self._lost = None
         deadline = time.monotonic() + self.wait_s
         while True:
             current = self.read()
