@@ -184,10 +184,22 @@ def restore_schedule(
 
 
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    module = unwrap(model)
-    return torch.optim.swa_utils.AveragedModel(
-        module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
-    )
+    """An EMA of the model's parameters and floating-point buffers (BatchNorm's statistics).
+
+    Integer buffers (the windows' relative position indices, BatchNorm's step count) are copied:
+    averaged, ``v * decay + v * (1 - decay)`` in float32 truncates back to ``v - 1`` for many
+    decays (0.9999 among them), and the EMA then reads the wrong position biases.
+    """
+    floats = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+
+    def average(ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor], n_averaged) -> None:
+        if ema_tensors[0].is_floating_point():  # AveragedModel groups the tensors by dtype
+            floats(ema_tensors, model_tensors, n_averaged)
+        else:
+            for ema_tensor, model_tensor in zip(ema_tensors, model_tensors, strict=True):
+                ema_tensor.copy_(model_tensor)
+
+    return torch.optim.swa_utils.AveragedModel(unwrap(model), multi_avg_fn=average, use_buffers=True)
 
 
 def autocast(device: torch.device):

@@ -183,6 +183,26 @@ def test_the_ema_follows_its_closed_form():
     torch.testing.assert_close(ema.module.weight, expected)
 
 
+@pytest.mark.parametrize("decay", [0.998, 0.9999, 0.9995, 0.9])
+def test_the_ema_of_an_unchanging_model_is_that_model_whatever_the_decay(decay):
+    # Integer buffers (relative position indices) are copied, not averaged: averaged in float32,
+    # 0.9999 and others truncated entries to v - 1, and the EMA read the wrong position biases.
+    torch.manual_seed(0)
+    model = create_model("mltr_tiny", num_classes=5).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                parameter.normal_()  # so that a wrong index changes the output
+    ema = make_ema(model, decay)
+    for _ in range(3):
+        ema.update_parameters(model)
+    for name, buffer in ema.module.named_buffers():
+        assert torch.equal(buffer, model.get_buffer(name)), name
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ema.module.eval()(x), model(x))
+
+
 def batch_of(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"image": images, "targets": targets, "ignore_mask": torch.zeros_like(targets, dtype=torch.bool)}
 
