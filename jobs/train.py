@@ -46,6 +46,17 @@ from pipeline.storage import resolve as resolve_storage
 log = logging.getLogger("jobs.train")
 
 EVAL_CPUS = 1  # CPUs left free for the evaluation passes' Ray Data tasks beside the decode actors
+# Flags a run may be resumed with other values of: where and on what it runs, not what it trains
+# (--epochs only grows, checked apart; the data is compared by fingerprint; a resume starts from
+# its checkpoint, not from --init-from). Any other flag that differs is refused: a resume with
+# another --calib-fraction would select on rows it trained on, another --lr would be ignored.
+RESUME_FREE = frozenset(
+    {
+        "epochs", "address", "mlflow_uri", "experiment", "name", "workdir", "storage", "data", "init_from",
+        "max_failures", "oversubscribe", "wait_for_resources", "decode_actors", "cpus_per_worker",
+        "gpus_per_worker", "use_gpu", "placement_strategy",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -325,7 +336,7 @@ def start(
         loss=config.optim.loss,
     )
     run_id, resumed = tracking.start_or_resume_run(
-        client, experiment_id, name, params, tags, identity, config.optim.epochs
+        client, experiment_id, name, params, tags, identity, config.optim.epochs, RESUME_FREE
     )
     log.info("MLflow run %s (%s) in %s", run_id, "resumed" if resumed else "new", mlflow_uri)
     run = TrainRun(

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +118,14 @@ def start_or_resume_run(
     tags: Mapping[str, str],
     identity: RunIdentity,
     epochs: int,
+    resume_free: Collection[str] = (),
 ) -> tuple[str, bool]:
     """The run tagged with ``train_name`` in the experiment, reopened, or a new one; returns (run_id, resumed).
 
-    A run is reopened only with the same identity and at least as many epochs as it was asked for;
-    a FINISHED run only to be extended (more epochs). Each change of ``epochs`` is recorded in the
+    A run is reopened only with the same identity, the same ``params`` as it logged (but those in
+    ``resume_free``: where it runs, not what it trains; a param the run did not log is not
+    compared) and at least as many epochs as it was asked for; a FINISHED run only to be extended
+    (more epochs). Each change of ``epochs`` is recorded in the
     tags ``mltr.epochs`` (the current target) and ``mltr.epochs_history``. Refusals raise
     :class:`~mltr.errors.ConfigError` saying what to do.
     """
@@ -144,6 +147,17 @@ def start_or_resume_run(
         raise ConfigError(
             f"{where} was started with another model, dataset or loss ({'; '.join(differences)}): "
             f"start it under a new --name"
+        )
+    logged = run.data.params
+    changed = [
+        f"{k} {logged[k]} (now {_param_value(v)})"
+        for k, v in sorted(params.items())
+        if k not in resume_free and k != "epochs" and k in logged and logged[k] != _param_value(v)
+    ]
+    if changed:  # a resumed run would train (or select) otherwise than its logged params say
+        raise ConfigError(
+            f"{where} was started with other settings: {', '.join(changed)}; resume it with the flags "
+            f"it started with, or start a new --name"
         )
     previous = int(run_tags.get(EPOCHS_TAG) or run.data.params.get("epochs") or 0)
     if run.info.status == "FINISHED" and epochs <= previous:

@@ -153,6 +153,29 @@ def test_resuming_with_another_model_dataset_or_loss_is_refused_naming_the_diffe
     assert "stem" not in message  # only what differs
 
 
+def test_resuming_with_other_settings_is_refused_but_where_it_runs_may_change(store):
+    client, experiment = store
+
+    def resume(**params):
+        base = {"epochs": 3, "calib_fraction": 0.1, "lr": 2e-4, "address": None, "milestones": [1, 2]}
+        return tracking.start_or_resume_run(
+            client, experiment, "r", base | params, {}, IDENTITY, 3, resume_free={"address"}
+        )
+
+    run_id, _ = resume()
+    # Another calibration fraction would select on rows the checkpointed epochs trained on; another
+    # learning rate would be ignored (the optimizer's state comes from the checkpoint).
+    with pytest.raises(ConfigError) as info:
+        resume(calib_fraction=0.2, lr=1e-3)
+    assert "calib_fraction 0.1 (now 0.2), lr 0.0002 (now 0.001)" in str(info.value)
+    assert "resume it with the flags it started with, or start a new --name" in str(info.value)
+    assert resume(address="ray://head:10001", epochs=5, since="a param the run never logged") == (
+        run_id,
+        True,
+    )
+    assert resume(milestones=(1, 2)) == (run_id, True)  # compared as logged (JSON)
+
+
 def test_a_finished_run_is_reopened_only_to_extend_it_and_the_extension_is_recorded(store):
     client, _ = store
     run_id, _ = start(store, "done", epochs=3)
