@@ -263,6 +263,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def accumulation(i: int, batches: int, accumulate: int) -> tuple[int, bool]:
+    """(micro-batches in the optimizer step that batch ``i`` of an epoch of ``batches`` joins,
+    whether batch ``i`` ends that step). A step every ``accumulate`` batches, and every epoch ends
+    with one: its last step may gather fewer, and each of its losses is divided by that number,
+    so that its gradient is their mean too, not a fraction of it."""
+    start = i - i % accumulate
+    size = min(accumulate, batches - start)
+    return size, i + 1 == start + size
+
+
 def forward_backward(
     model: nn.Module,
     criterion: nn.Module,
@@ -272,6 +282,9 @@ def forward_backward(
     sync: bool = True,
 ) -> float:
     """One micro-batch: normalise the uint8 images on the device, forward, loss, backward; returns the loss.
+
+    ``accumulate`` is the number of micro-batches of the step this one joins (see
+    :func:`accumulation`): the loss is divided by it, so the step's gradient is their mean.
 
     ``sync=False`` on the micro-batches before the last of an accumulation: a DDP model then skips
     its gradient all-reduce (``no_sync``), which the last micro-batch does for all of them.
@@ -543,8 +556,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | Non
                     f"the training stream ended in epoch {epoch} after {i} of {batches} batches"
                 )
             wait += time.perf_counter() - fetch
-            step = (i + 1) % opt.accumulate == 0 or i + 1 == batches  # every epoch ends with a step
-            value = forward_backward(model, criterion, batch, device, opt.accumulate, sync=step)
+            group, step = accumulation(i, batches, opt.accumulate)
+            value = forward_backward(model, criterion, batch, device, group, sync=step)
             loss_sum += value
             if not math.isfinite(value) and math.isfinite(bad_loss):
                 bad_loss = value

@@ -15,6 +15,7 @@ from mltr.errors import MltrError, TrainingDiverged
 from mltr.losses import build_loss
 from mltr.model import IMAGENET_MEAN, IMAGENET_STD, MlTrConfig, create_model, normalize
 from mltr.train import (
+    accumulation,
     any_rank_diverged,
     diverged,
     epoch_batches,
@@ -227,6 +228,20 @@ def test_accumulating_two_micro_batches_is_one_step_on_the_doubled_batch():
     assert whole.keys() == halves.keys()
     for key in whole:
         torch.testing.assert_close(halves[key], whole[key], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("batches", "accumulate"), [(15, 4), (16, 4), (3, 4), (7, 1), (1, 3)])
+def test_an_epochs_last_step_averages_the_micro_batches_it_has(batches, accumulate):
+    plan = [accumulation(i, batches, accumulate) for i in range(batches)]
+    ends = [i for i, (_, step) in enumerate(plan) if step]
+    assert ends[-1] == batches - 1 and len(ends) == math.ceil(batches / accumulate)  # the scheduler's count
+    start = 0
+    for end in ends:  # each step divides its losses by the micro-batches it gathers, the last one too
+        assert {size for size, _ in plan[start : end + 1]} == {end + 1 - start}
+        start = end + 1
+    # 15 batches of 4: three steps of 4 and a last of 3, whose losses are divided by 3, not 4.
+    if (batches, accumulate) == (15, 4):
+        assert [size for size, step in plan if step] == [4, 4, 4, 3]
 
 
 def test_a_loss_that_is_not_a_number_stops_training_with_an_error_the_user_fixes():
