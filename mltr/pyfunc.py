@@ -19,7 +19,15 @@ import mlflow.pyfunc
 import pandas as pd
 import torch
 
-from mltr.serving import IMAGE_COLUMN, MODEL_INFO_FILE, OUTPUT_COLUMNS, PATH_COLUMN, ModelInfo, Predictor
+from mltr.serving import (
+    IMAGE_COLUMN,
+    MODEL_INFO_FILE,
+    OUTPUT_COLUMNS,
+    PATH_COLUMN,
+    ModelInfo,
+    Predictor,
+    missing_cell,
+)
 
 
 def _column(frame, name: str) -> list:
@@ -46,7 +54,7 @@ class MlTrPyfunc(mlflow.pyfunc.PythonModel):
                 f"got {list(model_input.columns)}"
             )
         paths, data = _column(model_input, PATH_COLUMN), _column(model_input, IMAGE_COLUMN)
-        names = [path if path else f"row {i}" for i, path in enumerate(paths)]
+        names = [f"row {i}" if missing_cell(path) or not path else str(path) for i, path in enumerate(paths)]
         rows = self.predictor.predict_encoded(zip(names, data, paths, strict=True))
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 

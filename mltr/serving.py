@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import math
 import os
 import re
+import stat
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mltr.images import to_rgb
 from mltr.model import MlTr, normalize
 
 # The pyfunc's input: one of these columns per row (bytes win when a row has both).
@@ -91,6 +96,16 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of an image at a local path, ``file://`` or any fsspec URI (``s3://``)."""
     import fsspec
 
+    if "://" not in source or source.startswith("file://"):
+        local = source.removeprefix("file://")
+        try:  # checked before it is opened: opening a FIFO blocks until someone writes to it
+            mode = os.stat(local).st_mode
+        except OSError:
+            mode = None  # fsspec's open below names what is wrong
+        if mode is not None and stat.S_ISDIR(mode):
+            raise ImageError(f"{source}: is a folder, not an image")
+        if mode is not None and not stat.S_ISREG(mode):
+            raise ImageError(f"{source}: not a regular file")
     try:
         with fsspec.open(source, "rb") as f:
             data = f.read(max_bytes + 1)
@@ -105,10 +120,41 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     return data
 
 
-def decode_image(data: bytes | bytearray | memoryview, name: str = "image") -> torch.Tensor:
-    """JPEG or PNG bytes (base64 text too) -> RGB uint8 (3, H, W); an :class:`ImageError` naming ``name``."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
+def open_image(raw: bytes, name: str, max_pixels: int | None = None) -> Any:
+    """The PIL image of encoded bytes, its header read but its pixels not yet decoded; an
+    :class:`ImageError` for bytes that are no image, or an image of more than ``max_pixels``
+    pixels (Pillow's decompression-bomb limit by default), before anything large is allocated."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{name}: too large to decode: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name}: not a decodable JPEG or PNG image: not a recognised image format"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: not a decodable JPEG or PNG image: bad header: {exc}") from None
+    width, height = img.size
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS or math.inf
+    if width < 1 or height < 1 or width * height > limit:
+        raise ImageError(f"{name}: {width}x{height} pixels, outside 1..{limit}")
+    return img
+
+
+def decode_image(data: bytes | bytearray | memoryview | str, name: str = "image") -> torch.Tensor:
+    """Encoded image bytes (base64 text too) -> RGB uint8 (3, H, W); an :class:`ImageError` naming ``name``.
+
+    JPEGs are decoded as training and validation decode the stored JPEGs (torchvision's
+    libjpeg-turbo); any other format (PNG, GIF, WebP, ...) as the converter reads it before
+    storing it (Pillow, then :func:`to_rgb`). The header is read first: an image over the
+    decompression-bomb limit is an error before its pixels are allocated.
+    """
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     if isinstance(data, str):
         try:
@@ -118,12 +164,23 @@ def decode_image(data: bytes | bytearray | memoryview, name: str = "image") -> t
     raw = bytes(data)
     if not raw:
         raise ImageError(f"{name}: empty")
-    try:
-        image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
-        text = TORCHVISION_PREFIX.sub("", str(exc).strip())
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        raise ImageError(f"{name}: not a decodable JPEG or PNG image: {reason}") from None
+    img = open_image(raw, name)
+    if img.format == "JPEG":
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as exc:
+            text = TORCHVISION_PREFIX.sub("", str(exc).strip())
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            raise ImageError(f"{name}: not a decodable JPEG or PNG image: {reason}") from None
+    else:
+        try:
+            img.load()
+            rgb = to_rgb(img)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            raise ImageError(
+                f"{name}: not a decodable JPEG or PNG image: {exc or type(exc).__name__}"
+            ) from None
+        image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
         raise ImageError(f"{name}: decoded to an unexpected shape {tuple(image.shape)}")
     return image
@@ -139,6 +196,13 @@ def resize_image(image: torch.Tensor, contract: dict[str, Any]) -> torch.Tensor:
     return F.resize(image, [size, size], antialias=True)
 
 
+def missing_cell(value: Any) -> bool:
+    """A cell with nothing in it: None, NaN (pandas' missing value in an object column) or pd.NA."""
+    return (
+        value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType"
+    )
+
+
 def decode_rows(
     items: Iterable[tuple[str, bytes | str | None, str | None]], contract: dict[str, Any]
 ) -> tuple[np.ndarray, list[str | None]]:
@@ -152,8 +216,8 @@ def decode_rows(
     errors: list[str | None] = []
     for name, data, path in items:
         try:
-            if data is None or (isinstance(data, float) and np.isnan(data)):
-                if not path:
+            if missing_cell(data):
+                if missing_cell(path) or not isinstance(path, str) or not path:
                     raise ImageError(f"{name}: neither image bytes nor a path")
                 data = read_image_bytes(path)
             pixels.append(resize_image(decode_image(data, name), contract).numpy())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from mltr.errors import ConfigError
+from mltr.images import to_rgb
 
 # Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
 REJECT_REASONS = {
@@ -90,17 +91,6 @@ def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
 def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """The size after downscaling so the longer side is at most ``max_side`` (never upscales)."""
     longest = max(width, height)
@@ -151,7 +141,7 @@ def process_image(data: bytes, settings: ImageSettings) -> tuple[bytes, int, int
     target = scaled_size(width, height, settings.max_side)
     if img.format == "JPEG" and img.mode == "RGB" and target == (width, height):
         return data, width, height
-    rgb = _to_rgb(img)
+    rgb = to_rgb(img)
     if target != (width, height):
         rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()

@@ -3,6 +3,7 @@ preprocessed exactly as validation preprocesses, with a bad row reported and the
 
 import base64
 import io
+import os
 
 import mlflow
 import numpy as np
@@ -143,3 +144,68 @@ def test_a_network_saved_as_a_selected_model_folder_predicts_as_the_logged_model
     (want,) = logged.predict(pd.DataFrame({"image": [jpeg]})).itertuples()
     assert row["scores"] == pytest.approx(list(want.scores), abs=1e-6)
     assert row["labels"] == list(want.labels) and row["error"] is None
+
+
+def png(pixels: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_pngs_are_prepared_as_the_converter_stores_them():
+    from pipeline.images import ImageSettings, process_image
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    # 16-bit: the same picture scaled to 16 bits decodes to the same 8-bit pixels (not x / 255 of
+    # 16-bit values, scores of another picture).
+    eight, sixteen = decode_image(png(picture)), decode_image(png(picture.astype(np.uint16) * 257))
+    assert sixteen.dtype == torch.uint8 and torch.equal(sixteen, eight)
+    stored = [process_image(png(p), ImageSettings())[0] for p in (picture, picture.astype(np.uint16) * 257)]
+    assert stored[0] == stored[1]  # and the converter stores both alike (it clipped 16-bit to white)
+    # Transparency: over white, as the converter stores it (not the colour hidden under it).
+    rgba = np.zeros((40, 50, 4), dtype=np.uint8)
+    rgba[:, :25] = (200, 30, 30, 255)  # the left half opaque red, the right half transparent black
+    served = decode_image(png(rgba, "RGBA"))
+    stored, _, _ = process_image(png(rgba, "RGBA"), ImageSettings())
+    validated = decode_image(stored)  # the stored JPEG, as validation decodes it
+    assert served[:, 0, -1].tolist() == [255, 255, 255]
+    assert (served.int() - validated.int()).abs().float().mean() < 2  # JPEG's loss only
+    # An animation: its first frame, as the converter keeps it.
+    frames = [Image.fromarray(np.full((20, 20, 3), value, dtype=np.uint8)) for value in (10, 240)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(gif.getvalue()).shape == (3, 20, 20) and decode_image(gif.getvalue()).max() < 50
+
+
+def test_a_damaged_png_is_one_rows_error_not_the_process(logged):
+    data = bytearray(png(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    start = data.index(b"IDAT") + 4
+    data[start + 20] ^= 0xFF  # one byte of the compressed pixels (libpng's checksum then fails)
+    good = encoded(30, 30, "JPEG", 4)
+    out = logged.predict(pd.DataFrame({"image": [bytes(data), good]}))
+    assert out.loc[0, "error"].startswith("row 0: not a decodable JPEG or PNG image")
+    assert out.loc[1, "error"] is None or pd.isna(out.loc[1, "error"])
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_decoded(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # lowered, as a 90-megapixel file would need
+    with pytest.raises(ImageError, match=r"^big: (too large to decode|50x40 pixels, outside 1\.\.1000)"):
+        decode_image(png(np.zeros((40, 50), dtype=np.uint8)), "big")
+    with pytest.raises(ImageError, match="^big.jpg: "):
+        decode_image(encoded(50, 40, "JPEG", 5), "big.jpg")
+
+
+def test_rows_without_a_usable_path_or_image_are_errors_and_a_fifo_is_not_opened(logged, tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encoded(30, 30, "JPEG", 6))
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    # pandas stores a missing path as NaN (or None): that row is an error, not the whole batch's.
+    out = logged.predict(pd.DataFrame({"path": [str(good), None, np.nan, str(fifo), str(tmp_path)]}))
+    errors = out["error"].tolist()
+    assert pd.isna(errors[0])
+    assert errors[1:3] == ["row 1: neither image bytes nor a path", "row 2: neither image bytes nor a path"]
+    assert (
+        errors[3] == f"{fifo}: not a regular file" and errors[4] == f"{tmp_path}: is a folder, not an image"
+    )
