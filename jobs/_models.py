@@ -7,6 +7,7 @@ without it (a batch-inference worker, or a machine that has only torch and Ray).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,9 +107,14 @@ def checkpoint_classes(model: str, dataset: str | None, flag: str) -> tuple[str,
 
 
 def check_classes(predictor: Predictor, manifest: Manifest, model: str) -> None:
-    if tuple(predictor.info.classes) != tuple(manifest.classes):
+    check_class_names(predictor.info.classes, manifest, model)
+
+
+def check_class_names(classes: Sequence[str], manifest: Manifest, model: str) -> None:
+    """A model scored or run on a converted dataset predicts that dataset's classes, in its order."""
+    if tuple(classes) != tuple(manifest.classes):
         raise ConfigError(
-            f"{model} predicts {len(predictor.info.classes)} classes that are not the dataset's "
+            f"{model} predicts {len(classes)} classes that are not the dataset's "
             f"{manifest.uri} ({manifest.num_classes} classes): it was trained on other data"
         )
 

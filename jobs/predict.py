@@ -32,7 +32,13 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs._config import component, opt, parse_config
-from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, checkpoint_classes, load_predictor
+from jobs._models import (
+    MODEL_URI_SCHEMES,
+    TrackingArgs,
+    check_class_names,
+    checkpoint_classes,
+    load_predictor,
+)
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from mltr.serving import Predictor, decode_rows
@@ -76,9 +82,11 @@ def expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
         if "://" in spec and not spec.startswith("file://"):
             import fsspec
 
-            fs, _, paths = fsspec.get_fs_token_paths(spec)
+            fs, root = fsspec.core.url_to_fs(spec)
             protocol = spec.split("://", 1)[0]
-            found = fs.glob(paths[0]) if globlib.has_magic(spec) else [paths[0]]
+            found = sorted(fs.glob(root)) if globlib.has_magic(root) else [root]
+            if not found:
+                yield spec  # reported as missing, not silently dropped
             for path in found:
                 listed = fs.find(path) if fs.isdir(path) else [path]
                 yield from (
@@ -289,7 +297,6 @@ def predict_ray(
     if config.data:
         manifest = load_manifest(config.data)
         source = read_split(manifest, config.split, columns=["image_id", "image"])
-        classes = classes or tuple(manifest.classes)
     else:
         paths = list(expand_inputs(config.inputs))
         if not paths:
@@ -329,7 +336,7 @@ def predict_ray(
                 print(f"predict: skipped {row['error']}", file=sys.stderr, flush=True)
                 continue
             rec = {"path": ident, "labels": list(row["labels"]), "scores": list(map(float, row["scores"]))}
-            rec["scores"] = dict(zip(classes or range(len(rec["scores"])), rec["scores"], strict=True))
+            rec["scores"] = dict(zip(info.classes, rec["scores"], strict=True))  # the model's classes
             out.write(json.dumps(rec) + "\n")
             written += 1
     finally:
@@ -350,6 +357,10 @@ def run(config: PredictConfig) -> dict:
     classes = checkpoint_classes(config.model, config.classes_from or config.data, "--classes-from")
     tracking_uri = client.tracking_uri if client else None
     predictor = load_predictor(config.model, client, classes, config.batch_size)
+    if config.data:  # the model must predict the dataset's classes: checked before Ray starts
+        from pipeline.dataset import load_manifest
+
+        check_class_names(predictor.info.classes, load_manifest(config.data), config.model)
     if config.data or config.parquet_out:
         return predict_ray(config, predictor.info, classes, tracking_uri)
     paths = list(expand_inputs(config.inputs))

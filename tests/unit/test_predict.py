@@ -74,3 +74,45 @@ def test_model_actors_take_a_gpu_each_and_decoding_in_them_takes_the_cpus_but_on
     assert actor_layout("actor", one_gpu, calls_per_actor=2)["calls"] == 2
     with pytest.raises(ConfigError, match="decode must be"):
         actor_layout("threads", one_gpu)
+
+
+def test_remote_globs_expand_to_every_match_and_one_that_matches_nothing_is_reported():
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for name in ("a.jpg", "b.jpg", "c.jpg", "notes.txt"):
+        memory.pipe(f"/incoming/{name}", b"x")
+    try:
+        assert list(expand_inputs(("memory://incoming/*.jpg", "memory://incoming/*.png"))) == [
+            "memory:///incoming/a.jpg", "memory:///incoming/b.jpg", "memory:///incoming/c.jpg",
+            "memory://incoming/*.png",  # matched nothing: it is reported as missing, not dropped
+        ]  # fmt: skip
+    finally:
+        memory.rm("/incoming", recursive=True)
+
+
+def test_a_model_is_run_on_a_dataset_only_if_it_predicts_that_datasets_classes(tmp_path, monkeypatch):
+    import types
+
+    import pipeline.dataset
+    from jobs import predict
+    from jobs._config import parse_config
+    from mltr.checkpoint import save_selected_model
+
+    network = create_model("mltr_tiny", num_classes=3).eval()
+    folder = save_selected_model(network, (0.5, 0.5, 0.5), tmp_path / "checkpoint")
+    manifests = {
+        "/data/animals": types.SimpleNamespace(
+            uri="/data/animals", classes=("cat", "dog", "bird"), num_classes=3
+        ),
+        "/data/streets": types.SimpleNamespace(
+            uri="/data/streets", classes=("car", "bus", "sign"), num_classes=3
+        ),
+    }
+    monkeypatch.setattr(pipeline.dataset, "load_manifest", lambda uri: manifests[uri])
+    config = parse_config(
+        predict.PredictConfig,
+        ["--model", str(folder), "--classes-from", "/data/animals", "--data", "/data/streets"],
+    )
+    with pytest.raises(ConfigError, match="predicts 3 classes that are not the dataset's /data/streets"):
+        predict.run(config)  # refused before Ray starts; its scores would carry the wrong names
