@@ -121,6 +121,9 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
     assert first["candidate_mAP"] == pytest.approx(min(figures.values()), abs=1e-6)
     recorded = client.get_model_version(name, worse).tags["mltr.promotion.candidate_mAP"]
     assert recorded == f"{first['candidate_mAP']:.6f}"
+    # challenger (the last registered, the real run) leaves a version once it is the champion.
+    challenger = None if worse == versions["real"] else versions["real"]
+    assert aliases(client, name).get("challenger") == challenger
 
     won = promote.run(promote_args("--version", better))
     assert won["decision"] == "promoted" and won["gain"] > 0 and won["gain_ci95"][0] <= won["gain"]
@@ -129,8 +132,8 @@ def test_register_evaluate_promote_the_better_refuse_the_worse_roll_back_and_ser
     assert won["champion_mAP"] == pytest.approx(min(figures.values()), abs=1e-6)
     now = aliases(client, name)
     assert now["champion"] == better and now["previous-champion"] == worse
-    # The challenger (the last registered, the real run) is consumed only when it is what won.
-    assert now.get("challenger") == (None if better == versions["real"] else versions["real"])
+    # ... so now it is gone: the real run is either the first champion or the one that won.
+    assert "challenger" not in now
     # The decision, both scores and the interval on both versions: the candidate's side and the
     # side of the champion it was judged against.
     for version, side in ((better, "mltr.promotion."), (worse, "mltr.challenge.")):
