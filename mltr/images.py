@@ -3,9 +3,18 @@ the data pipeline's processes and the served model alike."""
 
 from __future__ import annotations
 
+import stat
 from typing import Any
 
 import numpy as np
+
+
+def special_file_kind(mode: int) -> str | None:
+    """``None`` for a regular file's ``st_mode``; else what it is ("folder", "FIFO", "special
+    file"): an image path is checked before it is opened, as opening a FIFO blocks."""
+    if stat.S_ISREG(mode):
+        return None
+    return "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
 
 
 def to_rgb(img: Any) -> Any:

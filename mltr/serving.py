@@ -26,7 +26,6 @@ import io
 import math
 import os
 import re
-import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mltr.images import to_rgb
+from mltr.images import special_file_kind, to_rgb
 from mltr.model import MlTr, normalize
 
 # The pyfunc's input: one of these columns per row (bytes win when a row has both).
@@ -97,15 +96,14 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     import fsspec
 
     if "://" not in source or source.startswith("file://"):
-        local = source.removeprefix("file://")
         try:  # checked before it is opened: opening a FIFO blocks until someone writes to it
-            mode = os.stat(local).st_mode
+            kind = special_file_kind(os.stat(source.removeprefix("file://")).st_mode)
         except OSError:
-            mode = None  # fsspec's open below names what is wrong
-        if mode is not None and stat.S_ISDIR(mode):
+            kind = None  # fsspec's open below names what is wrong
+        if kind == "folder":
             raise ImageError(f"{source}: is a folder, not an image")
-        if mode is not None and not stat.S_ISREG(mode):
-            raise ImageError(f"{source}: not a regular file")
+        if kind:
+            raise ImageError(f"{source}: a {kind}, not a regular file")
     try:
         with fsspec.open(source, "rb") as f:
             data = f.read(max_bytes + 1)
@@ -120,10 +118,10 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     return data
 
 
-def open_image(raw: bytes, name: str, max_pixels: int | None = None) -> Any:
+def open_image(raw: bytes, name: str) -> Any:
     """The PIL image of encoded bytes, its header read but its pixels not yet decoded; an
-    :class:`ImageError` for bytes that are no image, or an image of more than ``max_pixels``
-    pixels (Pillow's decompression-bomb limit by default), before anything large is allocated."""
+    :class:`ImageError` for bytes that are no image, or an image over Pillow's decompression-bomb
+    limit (``Image.MAX_IMAGE_PIXELS``, the converter's too), before anything large is allocated."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -138,10 +136,8 @@ def open_image(raw: bytes, name: str, max_pixels: int | None = None) -> Any:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a decodable JPEG or PNG image: bad header: {exc}") from None
-    width, height = img.size
-    limit = max_pixels or Image.MAX_IMAGE_PIXELS or math.inf
-    if width < 1 or height < 1 or width * height > limit:
-        raise ImageError(f"{name}: {width}x{height} pixels, outside 1..{limit}")
+    if min(img.size) < 1:
+        raise ImageError(f"{name}: not a decodable JPEG or PNG image: invalid size {img.size}")
     return img
 
 
@@ -217,7 +213,7 @@ def decode_rows(
     for name, data, path in items:
         try:
             if missing_cell(data):
-                if missing_cell(path) or not isinstance(path, str) or not path:
+                if not isinstance(path, str) or not path:  # None, NaN, pd.NA or ""
                     raise ImageError(f"{name}: neither image bytes nor a path")
                 data = read_image_bytes(path)
             pixels.append(resize_image(decode_image(data, name), contract).numpy())

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from mltr.errors import ConfigError
-from mltr.images import to_rgb
+from mltr.images import special_file_kind, to_rgb
 
 # Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
 REJECT_REASONS = {
@@ -70,14 +69,8 @@ def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise ImageRejected("missing", f"no such file: {path}") from None
     except (PermissionError, NotADirectoryError) as exc:
         raise ImageRejected("unreadable", f"{exc.strerror}: {path}") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = (
-            "folder"
-            if stat.S_ISDIR(info.st_mode)
-            else "FIFO"
-            if stat.S_ISFIFO(info.st_mode)
-            else "special file"
-        )
+    kind = special_file_kind(info.st_mode)
+    if kind:
         raise ImageRejected("not_a_file", f"a {kind}, not a regular file: {path}")
     if info.st_size > max_bytes:
         raise ImageRejected("too_large", f"{info.st_size} bytes, over the limit of {max_bytes}: {path}")

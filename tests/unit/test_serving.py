@@ -207,5 +207,6 @@ def test_rows_without_a_usable_path_or_image_are_errors_and_a_fifo_is_not_opened
     assert pd.isna(errors[0])
     assert errors[1:3] == ["row 1: neither image bytes nor a path", "row 2: neither image bytes nor a path"]
     assert (
-        errors[3] == f"{fifo}: not a regular file" and errors[4] == f"{tmp_path}: is a folder, not an image"
+        errors[3] == f"{fifo}: a FIFO, not a regular file"
+        and errors[4] == f"{tmp_path}: is a folder, not an image"
     )
