@@ -101,13 +101,16 @@ def _read_official(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint
             values = fingerprint.read(path).split()
             if len(values) != len(lines):
                 raise AnnotationError(path, f"{len(values)} labels for {len(lines)} images in {list_path}")
-            bad = next((i for i, v in enumerate(values) if v not in (b"0", b"1")), None)
-            if bad is not None:
+            column = np.array(values)  # bytes: NUS-WIDE's 81 files hold 13 million of them
+            positive = column == b"1"
+            valid = positive | (column == b"0")
+            if not valid.all():
+                bad = int(np.argmin(valid))
                 value = values[bad].decode(errors="replace")
                 raise AnnotationError(
                     path, f"label {bad + 1} is {value!r}: labels must be 0 or 1, one per line"
                 )
-            matrix[:, c] = np.array(values) == b"1"
+            matrix[:, c] = positive
         empty[split] = 0
         for line, row in zip(lines, matrix, strict=True):
             parts = PureWindowsPath(line).parts[-2:]  # dir\name.jpg (older lists hold a full C:\...\ path)
