@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from jobs._models import (
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from mltr.serving import Predictor, decode_rows
+
+if TYPE_CHECKING:
+    from pipeline.dataset import Manifest
 
 log = logging.getLogger("jobs.predict")
 
@@ -284,18 +287,23 @@ def batch_inference(
 
 
 def predict_ray(
-    config: PredictConfig, info, classes: tuple[str, ...] | None, tracking_uri: str | None
+    config: PredictConfig,
+    info,
+    classes: tuple[str, ...] | None,
+    tracking_uri: str | None,
+    manifest: Manifest | None = None,
 ) -> dict:
+    """Ray Data batch inference over ``manifest`` (the ``--data`` dataset, loaded and checked by
+    :func:`run`) or over ``config.inputs``."""
     import ray
     import ray.data
     from ray.data.expressions import col
 
-    from pipeline.dataset import load_manifest, read_split
+    from pipeline.dataset import read_split
     from pipeline.storage import resolve as resolve_storage
 
     init_ray(config.address, log_to_driver=False)
-    if config.data:
-        manifest = load_manifest(config.data)
+    if manifest is not None:
         source = read_split(manifest, config.split, columns=["image_id", "image"])
     else:
         paths = list(expand_inputs(config.inputs))
@@ -357,12 +365,14 @@ def run(config: PredictConfig) -> dict:
     classes = checkpoint_classes(config.model, config.classes_from or config.data, "--classes-from")
     tracking_uri = client.tracking_uri if client else None
     predictor = load_predictor(config.model, client, classes, config.batch_size)
+    manifest = None
     if config.data:  # the model must predict the dataset's classes: checked before Ray starts
         from pipeline.dataset import load_manifest
 
-        check_class_names(predictor.info.classes, load_manifest(config.data), config.model)
+        manifest = load_manifest(config.data)
+        check_class_names(predictor.info.classes, manifest, config.model)
     if config.data or config.parquet_out:
-        return predict_ray(config, predictor.info, classes, tracking_uri)
+        return predict_ray(config, predictor.info, classes, tracking_uri, manifest)
     paths = list(expand_inputs(config.inputs))
     out = open(config.out, "w") if config.out else sys.stdout  # noqa: SIM115
     try:
