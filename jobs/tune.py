@@ -323,7 +323,7 @@ def _open_parent(client: MlflowClient, experiment_id: str, name: str, config: Sw
     runs = tracking.runs_tagged(client, [experiment_id], SWEEP_TAG, name)
     if runs:
         logged = runs[0].data.params
-        changed = sorted(k for k, v in params.items() if k not in RESTART_FREE and logged.get(k, v) != v)
+        changed = tracking.changed_params(logged, params, RESTART_FREE)
         if changed:
             raise ConfigError(
                 f"sweep {name!r} exists (MLflow run {runs[0].info.run_id}) with other flags: "

@@ -148,11 +148,9 @@ def start_or_resume_run(
             f"{where} was started with another model, dataset or loss ({'; '.join(differences)}): "
             f"start it under a new --name"
         )
-    logged = run.data.params
+    logged, values = run.data.params, {k: _param_value(v) for k, v in params.items()}
     changed = [
-        f"{k} {logged[k]} (now {_param_value(v)})"
-        for k, v in sorted(params.items())
-        if k not in resume_free and k != "epochs" and k in logged and logged[k] != _param_value(v)
+        f"{k} {logged[k]} (now {values[k]})" for k in changed_params(logged, values, {*resume_free, "epochs"})
     ]
     if changed:  # a resumed run would train (or select) otherwise than its logged params say
         raise ConfigError(
@@ -217,6 +215,14 @@ def check_reachable(uri: str, timeout: float = 15.0) -> None:
     raise ConfigError(
         f"the MLflow server {uri} did not answer within {timeout:g} s ({last}): check --mlflow-uri"
     )
+
+
+def changed_params(
+    logged: Mapping[str, str], params: Mapping[str, str], free: Collection[str] = ()
+) -> list[str]:
+    """The keys of ``params`` (as MLflow keeps them: strings) whose value differs from the run's
+    ``logged`` one, sorted; keys in ``free``, and those the run did not log, are not compared."""
+    return [k for k, v in sorted(params.items()) if k not in free and k in logged and logged[k] != v]
 
 
 def _param_value(value: Any) -> str:
