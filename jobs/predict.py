@@ -23,11 +23,13 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 
@@ -61,7 +63,9 @@ class PredictConfig:
         None, "models:/NAME@alias, models:/NAME/N, runs:/ID/model, or a checkpoint folder"
     )
     inputs: tuple[str, ...] = opt((), "images, folders, globs or s3:// prefixes", positional=True)
-    out: str | None = opt(None, "write JSON lines here instead of stdout")
+    out: str | None = opt(
+        None, "write JSON lines to this local file (replaced only when every image is done) instead of stdout"
+    )
     data: str | None = opt(None, "a converted dataset (Parquet): predict its --split with Ray Data")
     split: str = opt("val", "the split of --data")
     parquet_out: str | None = opt(
@@ -115,6 +119,40 @@ def expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
 
 def _record(path: str, row: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
     return {"path": path, "labels": row["labels"], "scores": dict(zip(classes, row["scores"], strict=True))}
+
+
+def out_path(out: str | None) -> Path | None:
+    """The local file ``--out`` names (a ``file://`` URI taken as its path); remote URIs are refused."""
+    if out is None:
+        return None
+    if "://" in out and not out.startswith("file://"):
+        raise ConfigError(
+            f"--out {out}: JSON lines go to a local file; write to object storage with --parquet-out"
+        )
+    path = Path(out.removeprefix("file://"))
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the JSON lines file")
+    return path
+
+
+@contextmanager
+def json_lines(out: str | None) -> Iterator[TextIO]:
+    """stdout, or the ``--out`` file written whole: lines go to ``FILE.partial`` and replace ``FILE``
+    only once every image is done, so a run that fails leaves an earlier ``FILE`` as it was (and
+    the lines it did write in ``FILE.partial``)."""
+    path = out_path(out)
+    if path is None:
+        yield sys.stdout
+        return
+    partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w") as stream:
+        try:
+            yield stream
+        except BaseException:
+            log.error("predict stopped: the lines it wrote are in %s; %s is as it was", partial, path)
+            raise
+    os.replace(partial, path)
 
 
 def predict_files(predictor: Predictor, paths: list[str], out, batch_size: int) -> dict:
@@ -286,6 +324,14 @@ def batch_inference(
     )
 
 
+def in_input_order(dataset):
+    """``dataset`` yielding its rows in the order of its source rows (Ray Data's streaming executor
+    otherwise yields blocks as they finish: several actors, or calls at once, reorder them), so
+    that JSON lines follow the inputs, as on files, and a re-run writes the same file."""
+    dataset.context.execution_options.preserve_order = True  # the dataset's own copy of the context
+    return dataset
+
+
 def predict_ray(
     config: PredictConfig,
     info,
@@ -334,10 +380,9 @@ def predict_ray(
         errors = written.filter(expr=col("error").is_not_null()).count()  # Arrow-native, no Python per row
         summary.update({"parquet_out": config.parquet_out, "rows": written.count(), "errors": errors})
         return summary
-    out = open(config.out, "w") if config.out else sys.stdout  # noqa: SIM115
     written, skipped = 0, []
-    try:
-        for row in predictions.iter_rows():
+    with json_lines(config.out) as out:
+        for row in in_input_order(predictions).iter_rows():
             ident = row["id"]
             if row["error"]:
                 skipped.append({"path": ident, "error": row["error"]})
@@ -347,9 +392,6 @@ def predict_ray(
             rec["scores"] = dict(zip(info.classes, rec["scores"], strict=True))  # the model's classes
             out.write(json.dumps(rec) + "\n")
             written += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
     summary.update({"images": written, "skipped": skipped, "out": config.out})
     return summary
 
@@ -361,6 +403,7 @@ def run(config: PredictConfig) -> dict:
         raise ConfigError(
             "nothing to predict: give INPUTS (images, folders, globs, s3:// prefixes) or --data"
         )
+    out_path(config.out)  # a bad --out is refused before the model loads
     client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
     classes = checkpoint_classes(config.model, config.classes_from or config.data, "--classes-from")
     tracking_uri = client.tracking_uri if client else None
@@ -374,12 +417,8 @@ def run(config: PredictConfig) -> dict:
     if config.data or config.parquet_out:
         return predict_ray(config, predictor.info, classes, tracking_uri, manifest)
     paths = list(expand_inputs(config.inputs))
-    out = open(config.out, "w") if config.out else sys.stdout  # noqa: SIM115
-    try:
+    with json_lines(config.out) as out:
         summary = predict_files(predictor, paths, out, config.batch_size)
-    finally:
-        if out is not sys.stdout:
-            out.close()
     log.info("predicted %d images, skipped %d", summary["images"], len(summary["skipped"]))
     return {"model": config.model, "out": config.out, **summary}
 

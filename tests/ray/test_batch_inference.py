@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.predict import batch_inference
+from jobs.predict import batch_inference, in_input_order
 from mltr import create_model
 from mltr.checkpoint import save_selected_model
 from mltr.serving import ModelInfo, Predictor
@@ -43,3 +43,15 @@ def test_decoding_in_the_actors_answers_as_in_tasks_and_keeps_the_bad_rows(
             np.testing.assert_allclose(row["scores"], want["scores"], rtol=1e-5, atol=1e-6)
     assert "not a decodable JPEG or PNG image" in got[str(tmp_path / "broken.jpg")]["error"]
     assert "gone.jpg: no such file" in got[str(tmp_path / "gone.jpg")]["error"]
+
+
+def test_json_lines_from_ray_data_follow_the_inputs(ray_local, synthetic_root, tmp_path):
+    root, _ = synthetic_root("voc")
+    paths = sorted(str(p) for p in Path(root).rglob("*.jpg"))[:48]
+    network = create_model("mltr_tiny", num_classes=2).eval()
+    info = ModelInfo(("a", "b"), (0.5, 0.5), network.config.input_contract())
+    folder = str(save_selected_model(network, info.thresholds, tmp_path / "checkpoint"))
+    source = ray_local.data.from_items([{"path": p} for p in paths], override_num_blocks=24)
+    # Two actors, three calls at once in each: batches finish out of turn.
+    rows = batch_inference(source, folder, info, None, ("a", "b"), 2, 2, decode="actor", calls_per_actor=4)
+    assert [r["id"] for r in in_input_order(rows).iter_rows()] == paths

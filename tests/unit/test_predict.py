@@ -116,3 +116,46 @@ def test_a_model_is_run_on_a_dataset_only_if_it_predicts_that_datasets_classes(t
     )
     with pytest.raises(ConfigError, match="predicts 3 classes that are not the dataset's /data/streets"):
         predict.run(config)  # refused before Ray starts; its scores would carry the wrong names
+
+
+def test_out_is_replaced_only_when_every_image_is_done(tmp_path, caplog):
+    from jobs.predict import json_lines
+
+    paths = []
+    for seed in range(4):
+        paths.append(str(tmp_path / f"{seed}.jpg"))
+        (tmp_path / f"{seed}.jpg").write_bytes(jpeg(seed))
+    network = create_model("mltr_tiny", num_classes=2).eval()
+    predictor = Predictor(
+        network, ModelInfo(("x", "y"), (0.5, 0.5), network.config.input_contract()), batch_size=2
+    )
+    out_file = tmp_path / "out" / "predictions.jsonl"
+    out_file.parent.mkdir()
+    out_file.write_text('{"path": "an earlier run"}\n')
+
+    batches = predictor.predict_encoded
+
+    def fails_on_the_second_batch(rows, calls=[]):  # noqa: B006 - counts the calls
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the machine went away")
+        return batches(rows)
+
+    predictor.predict_encoded = fails_on_the_second_batch
+    with pytest.raises(RuntimeError, match="went away"), json_lines(str(out_file)) as out:
+        predict_files(predictor, paths, out, batch_size=2)
+    assert out_file.read_text() == '{"path": "an earlier run"}\n'  # untouched by the failed run
+    partial = out_file.with_name("predictions.jsonl.partial")
+    assert [json.loads(line)["path"] for line in partial.read_text().splitlines()] == paths[:2]
+    assert str(partial) in caplog.text
+
+    predictor.predict_encoded = batches
+    with json_lines(f"file://{out_file}") as out:
+        predict_files(predictor, paths, out, batch_size=2)
+    assert [json.loads(line)["path"] for line in out_file.read_text().splitlines()] == paths
+    assert not partial.exists()
+
+    with pytest.raises(ConfigError, match="--parquet-out"), json_lines("s3://bucket/p.jsonl"):
+        pass
+    with pytest.raises(ConfigError, match="is a folder"), json_lines(str(tmp_path)):
+        pass
