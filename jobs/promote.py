@@ -104,6 +104,24 @@ def _champion_moves(client: MlflowClient, name: str, candidate: str, champion: s
     return moves
 
 
+def trained_on(client: MlflowClient, name: str, roles: list[tuple[str, str]], manifest) -> dict[str, str]:
+    """``{ROLE_trained_on: fingerprint}`` of the data each version was trained on (its registered
+    tag), with a warning for one trained on other data than it is scored on: its training images
+    may be among the ones it is scored on, which would flatter it."""
+    found = {}
+    for role, version in roles:
+        fingerprint = client.get_model_version(name, version).tags.get("dataset_fingerprint", "")
+        found[f"{role}_trained_on"] = fingerprint or "unknown"
+        if fingerprint != manifest.fingerprint:
+            log.warning(
+                "%s version %s was trained on %s, not on %s (%s), which it is scored on: make sure "
+                "none of its training images is in this split",
+                role, version, f"data {fingerprint}" if fingerprint else "unrecorded data",
+                manifest.uri, manifest.fingerprint,
+            )  # fmt: skip
+    return found
+
+
 def promote(client: MlflowClient, config: PromoteConfig, lease: registry.PromotionLease) -> dict:
     name = config.name
     candidate = registry.resolve_version(
@@ -128,10 +146,12 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
         logits, targets, ignore = score_split(predictor, manifest, config.split, config.batch_size)
         scores[role] = logits
         log.info("scored %s version %s on %s/%s", role, version, manifest.uri, config.split)
+    fingerprints = trained_on(client, name, roles, manifest)
     where = {
         "data": f"{manifest.uri}#{config.split}",
         "dataset_fingerprint": manifest.fingerprint,
         "images": str(len(targets)),
+        **fingerprints,
     }
     if champion is None:
         candidate_map, _ = mean_average_precision(scores["candidate"], targets, ignore)
@@ -151,6 +171,8 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
             "champion": cand,
             "candidate_mAP": candidate_map,
             "images": len(targets),
+            "dataset_fingerprint": manifest.fingerprint,
+            **fingerprints,
             "aliases": after,
         }
     comparison = registry.paired_bootstrap(
@@ -191,6 +213,8 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
         "gain_ci95": [comparison.low, comparison.high],
         "min_gain": config.min_gain,
         "images": comparison.images,
+        "dataset_fingerprint": manifest.fingerprint,
+        **fingerprints,
         "aliases": after,
     }
 

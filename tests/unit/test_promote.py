@@ -43,8 +43,9 @@ class Registry:
         monkeypatch.setattr(promote, "load_predictor", self.load_predictor)
         monkeypatch.setattr(promote, "score_split", self.score_split)
 
-    def add(self, noise: float, classes=CLASSES) -> str:
-        version = self.client.create_model_version("m", source=str(self.tmp / "model")).version
+    def add(self, noise: float, classes=CLASSES, trained_on="sha256:x") -> str:
+        tags = {"dataset_fingerprint": trained_on} if trained_on else None
+        version = self.client.create_model_version("m", source=str(self.tmp / "model"), tags=tags).version
         self.scores[str(version)], self.classes[str(version)] = logits(noise, int(version)), classes
         return str(version)
 
@@ -126,3 +127,22 @@ def test_a_promotion_whose_lease_was_taken_over_moves_no_alias(models):
         models.promote()
     assert models.aliases() == {"champion": champion, "challenger": candidate}
     assert "mltr.promotion.decision" not in models.client.get_model_version("m", candidate).tags
+
+
+def test_a_version_trained_on_other_data_than_it_is_scored_on_is_flagged(models, caplog):
+    champion, candidate = models.add(2.0, trained_on="sha256:older"), models.add(0.5)
+    models.client.set_registered_model_alias("m", "champion", champion)
+    models.client.set_registered_model_alias("m", "challenger", candidate)
+    result = models.promote()
+    assert result["candidate_trained_on"] == "sha256:x" and result["champion_trained_on"] == "sha256:older"
+    tags = models.client.get_model_version("m", candidate).tags
+    assert tags["mltr.promotion.champion_trained_on"] == "sha256:older"
+    assert tags["mltr.promotion.dataset_fingerprint"] == "sha256:x"
+    (warning,) = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+    assert warning.startswith(f"champion version {champion} was trained on data sha256:older")
+
+    unrecorded = models.add(0.1, trained_on=None)
+    models.client.set_registered_model_alias("m", "challenger", unrecorded)
+    caplog.clear()
+    assert models.promote()["candidate_trained_on"] == "unknown"
+    assert any("unrecorded data" in r.getMessage() for r in caplog.records)
