@@ -12,11 +12,12 @@ Running it again skips what is done:
 
 - preprocess, when ``<out>/<dataset>/_manifest.json`` was converted from the same annotation
   files (its source fingerprint equals the source's) with the same image settings;
-- train (tune), when the run (sweep) of that name finished: the default name is
+- train (tune), when the run (sweep) of that name finished with the same flags on the same data
+  (one that finished otherwise is refused): the default name is
   ``<dataset>-<model>-<fingerprint>-<flags>``, a digest of the dataset's fingerprint and of the
-  flags that change what is trained, so the same flags on the same data find the same run; an
-  unfinished one resumes from its checkpoint;
-- register, when the name already holds a version of that run;
+  flags and image settings that change what is trained, so the same flags on the same data find
+  the same run; an unfinished one resumes from its checkpoint;
+- register, when the name already holds a version of that run's current model;
 - promote, when that version is already the champion.
 
 Ends with one JSON line: each stage's result and whether it was skipped.
@@ -46,12 +47,12 @@ from pipeline.convert import output_root
 log = logging.getLogger("jobs.pipeline")
 
 # Flags that say where or how a run happens, not what it trains: the same run under any of them.
-RUN_PLACE_FLAGS = frozenset(
-    {
-        "name", "workdir", "storage", "mlflow_uri", "experiment", "address", "max_failures",
-        "oversubscribe", "placement_strategy", "decode_actors", "max_concurrent_trials",
-    }
-)  # fmt: skip
+# They are those mltr train resumes a run under and mltr tune restarts a sweep under; not --epochs
+# (a run of more epochs follows another schedule), --init-from (the start of a new run) or --data
+# (in the name as the dataset's fingerprint).
+RUN_PLACE_FLAGS = (train_job.RESUME_FREE - {"epochs", "init_from", "data"}) | tune_job.RESTART_FREE
+# Conversion flags that change the images a run trains on (the fingerprint is of the annotations).
+IMAGE_FLAGS = ("max_side", "quality")
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,11 @@ def parse(argv: list[str] | None) -> PipelineConfig:
 
 
 def flags_digest(config: PipelineConfig) -> str:
-    """What the training (or sweep) flags say to train, as a short digest (see RUN_PLACE_FLAGS)."""
+    """What the training (or sweep) flags and the image settings say to train, as a short digest
+    (see RUN_PLACE_FLAGS)."""
     flags = {**to_dict(config.train), **(to_dict(config.sweep) if config.pipeline.sweep else {})}
     kept = {k: v for k, v in sorted(flags.items()) if k not in RUN_PLACE_FLAGS and k != "data"}
+    kept |= {k: getattr(config.conversion, k) for k in IMAGE_FLAGS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -153,8 +156,32 @@ def _client(train: train_job.TrainConfig):
     return TrackingArgs(mlflow_uri=train.run.mlflow_uri, workdir=train.run.workdir).client()
 
 
-def finished_training(client, train: train_job.TrainConfig, name: str) -> dict[str, Any] | None:
-    """The finished run of this name (trained for at least --epochs), as train's result says it; else None."""
+def check_same_training(run, what: str, params: dict[str, str], free, fingerprint: str) -> None:
+    """Refuse to take a finished run (sweep) for this one when it was trained with other flags or
+    on other data, as mltr train (tune) refuses to resume it: under an explicit --name, or on
+    data converted again from the same annotations."""
+    from mltr import tracking
+
+    logged = run.data.params
+    changes = [
+        f"--{k.replace('_', '-')} {logged[k]} (now {params[k]})"
+        for k in tracking.changed_params(logged, params, free)
+    ]
+    recorded = run.data.tags.get("mltr.dataset_fingerprint")
+    if recorded and recorded != fingerprint:
+        changes.append(f"dataset fingerprint {recorded} (now {fingerprint})")
+    if changes:
+        raise ConfigError(
+            f"{what} (MLflow run {run.info.run_id}) finished with other flags or data: {', '.join(changes)}; "
+            f"give a new --name, or none (the name is then derived from the flags and the data)"
+        )
+
+
+def finished_training(
+    client, train: train_job.TrainConfig, name: str, fingerprint: str
+) -> dict[str, Any] | None:
+    """The finished run of this name (trained for at least --epochs), as train's result says it;
+    else None. A finished run trained otherwise is refused (:func:`check_same_training`)."""
     from mltr import tracking
 
     experiment = client.get_experiment_by_name(train.run.experiment)
@@ -164,6 +191,8 @@ def finished_training(client, train: train_job.TrainConfig, name: str) -> dict[s
     if not runs or runs[0].info.status != "FINISHED":
         return None
     run = runs[0]
+    params = {k: tracking.param_value(v) for k, v in to_dict(train).items()}
+    check_same_training(run, f"run {name!r}", params, train_job.RESUME_FREE, fingerprint)
     if int(run.data.tags.get(tracking.EPOCHS_TAG) or 0) < train.optim.epochs:
         return None  # asked for more epochs now: jobs.train extends it
     metrics = run.data.metrics
@@ -179,8 +208,11 @@ def finished_training(client, train: train_job.TrainConfig, name: str) -> dict[s
     }
 
 
-def finished_sweep(client, train: train_job.TrainConfig, name: str) -> dict[str, Any] | None:
-    """The finished sweep of this name with a best trial, as tune's result says it; else None."""
+def finished_sweep(
+    config: PipelineConfig, client, train: train_job.TrainConfig, name: str, fingerprint: str
+) -> dict[str, Any] | None:
+    """The finished sweep of this name with a best trial, as tune's result says it; else None.
+    A finished sweep run otherwise is refused (:func:`check_same_training`)."""
     from mltr import tracking
 
     experiment = client.get_experiment_by_name(train.run.experiment)
@@ -190,6 +222,8 @@ def finished_sweep(client, train: train_job.TrainConfig, name: str) -> dict[str,
     if not runs or runs[0].info.status != "FINISHED" or not runs[0].data.tags.get("mltr.best_run_id"):
         return None
     run = runs[0]
+    params = tune_job.param_values(tune_job.SweepConfig(sweep=config.sweep, train=train))
+    check_same_training(run, f"sweep {name!r}", params, tune_job.RESTART_FREE, fingerprint)
     best_run = client.get_run(run.data.tags["mltr.best_run_id"])
     return {
         "name": name,
@@ -228,7 +262,11 @@ def stage_train(config: PipelineConfig, fingerprint: str) -> tuple[dict[str, Any
     name = run_name(config, fingerprint)
     train = replace_flat(train, name=name)
     client = _client(train)
-    done = finished_sweep(client, train, name) if args.sweep else finished_training(client, train, name)
+    done = (
+        finished_sweep(config, client, train, name, fingerprint)
+        if args.sweep
+        else finished_training(client, train, name, fingerprint)
+    )
     if done is not None:
         log.info("2/4 %s: skipped, %s %r finished (MLflow run %s)", "tune" if args.sweep else "train",
                  kind, name, done.get("parent_run_id") or done["mlflow_run_id"])  # fmt: skip
@@ -255,14 +293,20 @@ def stage_register(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     train = config.train
     client = _client(train)
     name = config.pipeline.register_as or registry.default_name(config.conversion.dataset)
-    existing = (
-        client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-        if _model_exists(client, name)
-        else []
-    )
+    # The version of this run's model as it is now: a run extended (more epochs) logged a new model.
+    model_uri = client.get_run(run_id).data.tags.get("mltr.model_uri")
+    existing = [
+        v
+        for v in (
+            client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+            if _model_exists(client, name)
+            else []
+        )
+        if model_uri and v.source == model_uri
+    ]
     if existing:
         version = max(existing, key=lambda v: int(v.version))
-        log.info("3/4 register: skipped, %s version %s is run %s", name, version.version, run_id)
+        log.info("3/4 register: skipped, %s version %s is run %s's model", name, version.version, run_id)
         return {
             "skipped": True,
             "name": name,
@@ -302,6 +346,7 @@ def stage_promote(config: PipelineConfig, registered: dict[str, Any]) -> dict[st
     # Judged before against this champion on the same data and split: the same images, the same
     # models, the same decision.
     tags = client.get_model_version(name, version).tags
+    manifest = load_manifest(train.data.uri)
     recorded = {
         k.removeprefix(promote_job.PROMOTION): v
         for k, v in tags.items()
@@ -309,7 +354,8 @@ def stage_promote(config: PipelineConfig, registered: dict[str, Any]) -> dict[st
     }
     if (
         recorded.get("champion") == champion
-        and recorded.get("data") == f"{load_manifest(train.data.uri).uri}#{args.promote_split}"
+        and recorded.get("data") == f"{manifest.uri}#{args.promote_split}"
+        and recorded.get("dataset_fingerprint") == manifest.fingerprint
         and recorded.get("min_gain") == f"{args.min_gain:g}"
     ):
         log.info(

@@ -307,7 +307,7 @@ RESTART_FREE = {"address", "mlflow_uri", "max_concurrent_trials", "max_failures"
 PATH_FLAGS = ("data", "workdir", "storage", "init_from")  # compared as absolute paths when local
 
 
-def _param_values(config: SweepConfig) -> dict[str, str]:
+def param_values(config: SweepConfig) -> dict[str, str]:
     """The sweep's flags as the parent run's params (MLflow keeps strings), local paths made absolute."""
     values = to_dict(config)
     for key in PATH_FLAGS:
@@ -319,7 +319,7 @@ def _param_values(config: SweepConfig) -> dict[str, str]:
 
 def _open_parent(client: MlflowClient, experiment_id: str, name: str, config: SweepConfig, tags: dict) -> str:
     """The sweep's MLflow run: found again by its name (the same flags, else refused) or created."""
-    params = _param_values(config)
+    params = param_values(config)
     runs = tracking.runs_tagged(client, [experiment_id], SWEEP_TAG, name)
     if runs:
         logged = runs[0].data.params

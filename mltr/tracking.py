@@ -134,7 +134,7 @@ def start_or_resume_run(
         run = client.create_run(experiment_id, run_name=train_name, tags={NAME_TAG: train_name})
         client.log_batch(
             run.info.run_id,
-            params=[Param(k, _param_value(v)) for k, v in params.items()],
+            params=[Param(k, param_value(v)) for k, v in params.items()],
             tags=[RunTag(k, str(v)) for k, v in {**tags, **identity.tags(), EPOCHS_TAG: str(epochs)}.items()],
         )
         client.set_tag(run.info.run_id, EPOCHS_HISTORY_TAG, str(epochs))
@@ -148,7 +148,7 @@ def start_or_resume_run(
             f"{where} was started with another model, dataset or loss ({'; '.join(differences)}): "
             f"start it under a new --name"
         )
-    logged, values = run.data.params, {k: _param_value(v) for k, v in params.items()}
+    logged, values = run.data.params, {k: param_value(v) for k, v in params.items()}
     changed = [
         f"{k} {logged[k]} (now {values[k]})" for k in changed_params(logged, values, {*resume_free, "epochs"})
     ]
@@ -225,7 +225,8 @@ def changed_params(
     return [k for k, v in sorted(params.items()) if k not in free and k in logged and logged[k] != v]
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A param's value as MLflow keeps it (a string; lists as JSON), cut to MLflow's length limit."""
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
     return text[:6000]
 

@@ -95,3 +95,79 @@ def test_pipeline_run_name_changes_with_what_is_trained_not_where():
     assert pipeline.flags_digest(
         pipeline.parse(base + ["--sweep", "--losses", "bce"])
     ) != pipeline.flags_digest(pipeline.parse(base + ["--sweep", "--losses", "asl"]))
+    assert (
+        pipeline.flags_digest(
+            pipeline.parse(base + ["--wait-for-resources", "600", "--cpus-per-worker", "2", "--use-gpu"])
+        )
+        == digest
+    )  # where the run happens, as mltr train resumes it
+    assert pipeline.flags_digest(pipeline.parse(base + ["--max-side", "256"])) != digest  # other images
+    assert pipeline.flags_digest(pipeline.parse(base + ["--quality", "50"])) != digest
+
+
+PIPELINE = ["--dataset", "voc", "--root", "/raw", "--out", "/ds", "--config", "tiny"]
+
+
+def finished_run(client, config, name, fingerprint, **changed):
+    """A FINISHED run of ``name`` as mltr train leaves it, trained with ``config``'s flags but ``changed``."""
+    from jobs._config import to_dict
+    from mltr import tracking
+
+    experiment = client.get_experiment_by_name("mltr") or client.get_experiment(
+        client.create_experiment("mltr")
+    )
+    params = {**to_dict(config.train), **changed}
+    tags = {tracking.NAME_TAG: name, tracking.EPOCHS_TAG: str(config.train.optim.epochs),
+            "mltr.dataset_fingerprint": fingerprint}  # fmt: skip
+    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, tracking.param_value(value))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_a_finished_run_of_the_name_is_reused_only_if_trained_with_these_flags_on_this_data(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    config = pipeline.parse([*PIPELINE, "--mlflow-uri", uri, "--name", "mine"])
+    run_id = finished_run(client, config, "mine", "sha256:aa")
+    assert pipeline.finished_training(client, config.train, "mine", "sha256:aa")["mlflow_run_id"] == run_id
+    # Where it runs is free, as for mltr train's resume.
+    placed = pipeline.parse([*PIPELINE, "--mlflow-uri", uri, "--name", "mine", "--wait-for-resources", "60"])
+    assert pipeline.finished_training(client, placed.train, "mine", "sha256:aa")["mlflow_run_id"] == run_id
+    with pytest.raises(ConfigError, match=r"dataset fingerprint sha256:aa \(now sha256:bb\)"):
+        pipeline.finished_training(client, config.train, "mine", "sha256:bb")
+
+    other = pipeline.parse([*PIPELINE, "--mlflow-uri", uri, "--name", "mine", "--lr", "0.5"])
+    with pytest.raises(
+        ConfigError, match=r"run 'mine' .* finished with other flags or data: --lr .* \(now 0.5\)"
+    ):
+        pipeline.finished_training(client, other.train, "mine", "sha256:aa")
+
+
+def test_a_run_is_registered_again_once_it_logged_a_new_model(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry looks a version's model up there
+    client = MlflowClient(uri)
+    config = pipeline.parse([*PIPELINE, "--mlflow-uri", uri, "--register-as", "mltr-voc"])
+    run_id = finished_run(client, config, "r", "sha256:aa")
+    experiment_id = client.get_run(run_id).info.experiment_id
+    first, second = (client.create_logged_model(experiment_id, source_run_id=run_id) for _ in range(2))
+    client.set_tag(run_id, "mltr.model_uri", f"models:/{first.model_id}")
+    client.create_registered_model("mltr-voc")
+    client.create_model_version("mltr-voc", f"models:/{first.model_id}", run_id=run_id)
+    registered = []
+
+    def register(c):
+        registered.append(c.run_id)
+        return {"name": c.name, "version": 2}
+
+    monkeypatch.setattr(pipeline.register_job, "run", register)
+    assert pipeline.stage_register(config, run_id)["skipped"] and not registered
+    # Extended by more epochs, the run logged a new model: that one is registered.
+    client.set_tag(run_id, "mltr.model_uri", f"models:/{second.model_id}")
+    assert not pipeline.stage_register(config, run_id)["skipped"] and registered == [run_id]
