@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def export_onnx(network, example, out: Path, opset: int | None = None) -> float:
         input_names=["images"],
         output_names=["logits"],
         dynamic_shapes=({0: batch},),
+        external_data=False,  # one file: the weights of every variant fit in ONNX's 2 GB
         verbose=False,
         **kwargs,
     )
@@ -121,31 +123,38 @@ def run(config: ExportConfig) -> dict:
     inputs = predictor.inputs(pixels)  # float32 (N, 3, S, S): the input contract
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    seconds = export_onnx(predictor.model.eval(), inputs[:2], out, config.opset)
+    # Exported and checked beside --out, then moved over it: an export that fails its check leaves
+    # an earlier one (and its .json) as they were.
+    partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+    seconds = export_onnx(predictor.model.eval(), inputs[:2], partial, config.opset)
 
     info = predictor.info.to_json()
-    model_proto = onnx.load(str(out))
+    model_proto = onnx.load(str(partial))
     for key, value in (("mltr.model_info", json.dumps(info)), ("mltr.source", config.model)):
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(model_proto, str(out))
-    Path(f"{out}.json").write_text(json.dumps(info, indent=1))
+    onnx.save(model_proto, str(partial))
 
     # The check: all the images in one batch (not the traced batch size), PyTorch vs onnxruntime.
     with torch.no_grad():
         expected = predictor.model(inputs).numpy()
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": inputs.numpy()})[0]
     diff = float(np.abs(got - expected).max())
     print(
-        f"exported {config.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s); "
+        f"exported {config.model} ({partial.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s); "
         f"onnxruntime vs PyTorch on {len(images)} images: max abs difference of the logits {diff:.2e}",
         flush=True,
     )
     if not diff <= config.atol:
         raise ExportMismatch(
-            f"{out}: onnxruntime's logits differ from PyTorch's by {diff:.3g} > --atol {config.atol:g}"
+            f"{partial}: onnxruntime's logits differ from PyTorch's by {diff:.3g} > --atol {config.atol:g}; "
+            f"{out} is as it was"
         )
+    Path(f"{partial}.json").write_text(json.dumps(info, indent=1))
+    os.replace(partial, out)
+    os.replace(f"{partial}.json", f"{out}.json")
+    print(f"wrote {out} and {out}.json", flush=True)
     return {
         "model": config.model,
         "out": str(out),

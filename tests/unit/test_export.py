@@ -27,3 +27,45 @@ def test_the_exported_graph_matches_pytorch_at_another_batch_size(tmp_path):
         expected = network(images).numpy()
     assert got.shape == (5, 5)
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_an_export_that_fails_its_check_leaves_the_earlier_one_as_it_was(tmp_path, monkeypatch):
+    import io
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from jobs import export
+    from jobs._config import parse_config
+    from mltr.checkpoint import save_selected_model
+
+    network = create_model("mltr_tiny", num_classes=2).eval()
+    folder = save_selected_model(network, (0.5, 0.5), tmp_path / "checkpoint")
+    monkeypatch.setattr(export, "checkpoint_classes", lambda model, data, flag: ("x", "y"))
+    images = []
+    for seed in range(2):
+        buffer = io.BytesIO()
+        pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="JPEG")
+        images.append(tmp_path / f"{seed}.jpg")
+        images[-1].write_bytes(buffer.getvalue())
+    out = tmp_path / "export" / "m.onnx"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier, checked export")
+    Path(f"{out}.json").write_text('{"classes": ["earlier"]}')
+    flags = ["--model", str(folder), "--out", str(out), *map(str, images)]
+
+    with pytest.raises(export.ExportMismatch, match="m.onnx is as it was"):
+        export.run(parse_config(export.ExportConfig, [*flags, "--atol", "-1"]))  # no difference passes
+    assert out.read_bytes() == b"an earlier, checked export"
+    assert json.loads(Path(f"{out}.json").read_text()) == {"classes": ["earlier"]}
+
+    result = export.run(parse_config(export.ExportConfig, flags))
+    assert result["max_abs_diff"] <= 1e-4 and sorted(p.name for p in out.parent.iterdir()) == [
+        "m.onnx",
+        "m.onnx.json",
+    ]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["mltr.source"] == str(folder)
+    assert json.loads(Path(f"{out}.json").read_text())["classes"] == ["x", "y"]
