@@ -7,9 +7,11 @@ What follows ``--`` is the stage's own flags; the job runs ``python -m jobs.<sta
 cluster, in this working directory packed and uploaded by Ray (``--working-dir``, with the
 usual excludes: ``.venv``, ``work/``, ``.git``, ...). The object-store and MLflow settings of
 this shell (``AWS_*``, ``MLFLOW_*``; see ``FORWARDED_ENV``, and ``--env NAME`` for more) go to the
-job as environment variables of its runtime env: never on its command line, which the
-cluster's job list shows, nor in a file of the upload. Ray's token authentication works
-through Ray's own settings (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+job as environment variables of its runtime env: never on its command line nor in a file of the
+upload. The runtime env is part of the job's record, though: whoever can list the cluster's jobs
+(``ray job list``, the Jobs API) reads those values; on a shared cluster give its nodes their
+own credentials (an instance role, a Kubernetes secret) and forward none. Ray's token
+authentication works through Ray's own settings (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
 
 With ``--wait`` (default) the job's logs stream here and this command exits with the job's
 status: 0 when it succeeded, the driver's own exit status when it failed (2: a user error, see
@@ -44,6 +46,8 @@ FORWARDED_ENV = (
 )  # fmt: skip
 EXCLUDES = (".venv", "venv", "work/", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # in the order Ray's clients read them
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ def parse(argv: list[str]) -> Submission:
     parser.add_argument(
         "--address",
         default=None,
-        help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+        help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS, "
+        "else http://127.0.0.1:8265)",
     )
     parser.add_argument(
         "--wait",
@@ -129,14 +134,23 @@ def parse(argv: list[str]) -> Submission:
     )
 
 
+def job_server(address: str | None) -> str:
+    """Where jobs go: ``--address``, else ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS`` (as Ray's
+    own clients read them), else the local head's dashboard."""
+    return next((a for a in (address, *map(os.environ.get, ADDRESS_VARIABLES)) if a), DEFAULT_ADDRESS)
+
+
 def client_for(address: str | None):
     import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    where = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    where = job_server(address)
+    # Ray's client lets these variables override the address it is given: --address goes where
+    # it says, not to the cluster a variable of this shell names.
+    hidden = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(where)
     except AuthenticationError as exc:
         # Ray's message says where it looked for the token (RAY_AUTH_TOKEN, ~/.ray/auth_token).
         raise ConfigError(
@@ -144,6 +158,8 @@ def client_for(address: str | None):
         ) from None
     except (ConnectionError, requests.exceptions.RequestException, RuntimeError, ValueError) as exc:
         raise ConfigError(f"no Ray job server answers at {where}: {exc}") from None
+    finally:
+        os.environ.update(hidden)
 
 
 async def _follow(client, job_id: str) -> None:
@@ -162,18 +178,24 @@ def exit_status(info) -> int:
     if status == "SUCCEEDED":
         return 0
     if status == "FAILED" and info.driver_exit_code not in (None, 0):
-        return int(info.driver_exit_code)
+        code = int(info.driver_exit_code)
+        return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says it
     return 1
 
 
 def run(submission: Submission) -> tuple[int, dict]:
     client = client_for(submission.address)
-    job_id = client.submit_job(
-        entrypoint=submission.entrypoint,
-        runtime_env=submission.runtime_env(),
-        submission_id=submission.submission_id,
-        metadata={"mltr.stage": submission.stage},
-    )
+    try:
+        job_id = client.submit_job(
+            entrypoint=submission.entrypoint,
+            runtime_env=submission.runtime_env(),
+            submission_id=submission.submission_id,
+            metadata={"mltr.stage": submission.stage},
+        )
+    except RuntimeError as exc:  # the job server refused it (a used --submission-id, a bad runtime env)
+        raise ConfigError(
+            f"{client.get_address()} refused the job: {str(exc).strip().splitlines()[-1]}"
+        ) from None
     summary = {
         "submission_id": job_id,
         "stage": submission.stage,
@@ -188,6 +210,10 @@ def run(submission: Submission) -> tuple[int, dict]:
         return 0, {**summary, "status": _status(client.get_job_info(job_id))}
     try:
         asyncio.run(_follow(client, job_id))
+        info = client.get_job_info(job_id)
+        while _status(info) not in TERMINAL:
+            time.sleep(0.5)  # the log stream can end a moment before the status is final
+            info = client.get_job_info(job_id)
     except KeyboardInterrupt:
         print(
             f"stopped following job {job_id}; it keeps running (ray job stop {job_id} stops it)",
@@ -195,10 +221,6 @@ def run(submission: Submission) -> tuple[int, dict]:
             flush=True,
         )
         return 130, {**summary, "status": "RUNNING"}
-    info = client.get_job_info(job_id)
-    while _status(info) not in TERMINAL:
-        time.sleep(0.5)  # the log stream can end a moment before the status is final
-        info = client.get_job_info(job_id)
     status = _status(info)
     code = exit_status(info)
     return code, {

@@ -59,7 +59,7 @@ def test_submit_refuses_an_unknown_stage_and_an_unset_variable(monkeypatch, caps
 
 @pytest.mark.parametrize(
     ("status", "code", "expected"),
-    [("SUCCEEDED", 0, 0), ("FAILED", 2, 2), ("FAILED", None, 1), ("STOPPED", None, 1)],
+    [("SUCCEEDED", 0, 0), ("FAILED", 2, 2), ("FAILED", None, 1), ("STOPPED", None, 1), ("FAILED", -9, 137)],
 )
 def test_submit_exits_with_the_jobs_status(status, code, expected):
     class Info:
@@ -69,6 +69,23 @@ def test_submit_exits_with_the_jobs_status(status, code, expected):
             self.status, self.driver_exit_code = JobStatus(status), code
 
     assert submit.exit_status(Info()) == expected
+
+
+def test_submit_goes_to_the_address_given_whatever_the_shell_names(monkeypatch):
+    import os
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:3")
+    with pytest.raises(ConfigError) as refused:  # nothing listens there: the error names where it went
+        submit.client_for("http://127.0.0.1:2")
+    assert str(refused.value).startswith("no Ray job server answers at http://127.0.0.1:2: ")
+    assert "http://127.0.0.1:1" not in str(refused.value) and "http://127.0.0.1:3" not in str(refused.value)
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:1"  # the shell's settings are left as they were
+    assert submit.job_server(None) == "http://127.0.0.1:3"  # without --address: Ray's order
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    assert submit.job_server(None) == "http://127.0.0.1:1"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert submit.job_server(None) == "http://127.0.0.1:8265"
 
 
 def test_pipeline_reads_the_dataset_from_out_and_presets_of_train_or_tune(capsys):
