@@ -141,15 +141,32 @@ def _converter(tp: Any):
 
 
 def _coerce(leaf: _Leaf, value: Any) -> Any:
-    """Convert a YAML value to the field's type (lists become tuples)."""
+    """Convert a YAML value to the field's type as its flag would (lists become tuples; YAML 1.1
+    reads ``1e-4`` as a string, which a float field takes as the number); ``ValueError`` says why not."""
     tp, _ = _unwrap_optional(leaf.type)
     if value is None:
         return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+    if isinstance(value, (bool, dict, set)):
+        raise ValueError(f"{value!r} is not a {getattr(tp, '__name__', tp)}")
+    convert, choices = _converter(tp)
     if typing.get_origin(tp) in (tuple, list):
         if isinstance(value, str):
-            return _converter(tp)[0](value)
-        return tuple(value)
-    return value
+            return convert(value)
+        items = value if isinstance(value, list) else [value]  # a lone value: a list of one
+        return convert(",".join(str(item) for item in items))
+    if convert is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    try:
+        converted = convert(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a {convert.__name__}") from None
+    if choices and converted not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, choices))}")
+    return converted
 
 
 def build_parser(
@@ -193,21 +210,32 @@ def build_parser(
     return parser
 
 
-def _load_preset(spec: str, job: str | None) -> dict[str, Any]:
+class PresetError(ValueError):
+    """A preset that cannot be found or read; the message names it."""
+
+
+def _load_preset(spec: str, job: str | None, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(spec)
-    if not path.exists():
+    if not path.is_file():
         folder = PRESETS_DIR / job if job else PRESETS_DIR
         candidate = folder / (spec if spec.endswith((".yaml", ".yml")) else f"{spec}.yaml")
-        if not candidate.exists():
-            raise SystemExit(f"error: config preset {spec!r} not found (looked for {path} and {candidate})")
+        if not candidate.is_file():
+            raise PresetError(f"config preset {spec!r} not found (looked for {path} and {candidate})")
         path = candidate
-    data = yaml.safe_load(path.read_text()) or {}
+    if str(path.resolve()) in seen:
+        raise PresetError(f"{path}: extends itself (through {' -> '.join(seen)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PresetError(f"{path}: not a readable YAML preset: {exc}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path}: a preset must be a mapping of field names to values")
+        raise PresetError(f"{path}: a preset must be a mapping of field names to values")
     base = data.pop("extends", None)  # another preset, "<job>/<name>": its values, these on top
     if base is not None:
         job_name, _, name = str(base).partition("/")
-        data = {**_load_preset(name, job_name), **data}
+        if not (job_name and name):
+            raise PresetError(f"{path}: extends: {base!r} must name a preset as <job>/<name> (train/coco)")
+        data = {**_load_preset(name, job_name, (*seen, str(path.resolve()))), **data}
     return data
 
 
@@ -224,11 +252,18 @@ def parse_config(
     preset = args.pop("config", None)
     leaves = {leaf.flag: leaf for leaf in _leaves(cls)}
     if preset:
-        for key, value in _load_preset(preset, job).items():
+        try:
+            loaded = _load_preset(preset, job)
+        except PresetError as exc:
+            parser.error(str(exc))
+        for key, value in loaded.items():
             name = key.replace("-", "_")
             if name not in leaves:
                 parser.error(f"preset {preset!r}: unknown field {key!r} (known: {', '.join(sorted(leaves))})")
-            values[name] = _coerce(leaves[name], value)
+            try:
+                values[name] = _coerce(leaves[name], value)
+            except ValueError as exc:
+                parser.error(f"preset {preset!r}: {key}: {exc}")
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     try:
         return from_flat(cls, values)

@@ -49,6 +49,36 @@ def test_bad_values_exit_with_usage(tmp_path, capsys):
     assert "unknown field 'sise'" in capsys.readouterr().err
 
 
+def test_preset_values_are_read_as_their_flags_would_be(tmp_path, capsys, monkeypatch):
+    preset = tmp_path / "p.yaml"
+    # YAML 1.1 reads 1e-4 as a string and 7 as one number; the fields take a float and a list.
+    preset.write_text("rate: 1e-4\nsplits: test\nsize: '5'\nname: 12\n")
+    assert parse_config(Example, ["--config", str(preset)]) == Example(
+        rate=1e-4, splits=("test",), size=5, name="12"
+    )
+    for text, says in (
+        ("size: 2.5", "size: 2.5 is not a whole number"),
+        ("rate: fast", "rate: 'fast' is not a float"),
+        ("flag: 1", "flag: 1 is not true or false"),
+        ("kind: c", "kind: 'c' is not one of a, b"),
+    ):
+        preset.write_text(text + "\n")
+        with pytest.raises(SystemExit) as exited:  # a usage error, naming the preset and the field
+            parse_config(Example, ["--config", str(preset)])
+        assert exited.value.code == 2 and f"preset '{preset}': {says}" in capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p").mkdir()  # a folder named like the preset is not the preset
+    with pytest.raises(SystemExit) as exited:
+        parse_config(Example, ["--config", "p"], job="train")
+    assert exited.value.code == 2 and "config preset 'p' not found" in capsys.readouterr().err
+    for extends, says in (("p", "must name a preset as <job>/<name>"), ("train/p.yaml", "extends itself")):
+        preset.write_text(f"extends: {extends}\nsize: 4\n")
+        with pytest.raises(SystemExit) as exited:
+            parse_config(Example, ["--config", str(preset)])
+        assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
 @dataclass(frozen=True)
 class Inner:
     speed: float = opt(0.1, "a speed")
