@@ -6,8 +6,8 @@
 
 Both the candidate and the current champion are scored from their registered models on the same
 split (never from logged metrics); the decision is on the mAP difference, with a 95% paired
-bootstrap interval over images. ``champion`` moves only when the difference is at least
-``--min-gain`` (or with ``--force``); the displaced champion becomes ``previous-champion``. The
+bootstrap interval over images. ``champion`` moves only when the candidate is better by at least
+``--min-gain`` (a tie does not promote unless ``--min-gain`` is negative; ``--force`` promotes anyway); the displaced champion becomes ``previous-champion``. The
 decision, both scores and the interval are tags on both versions. With no champion yet the
 candidate becomes champion once it is scored (its classes checked against the dataset's).
 ``challenger`` leaves a version that becomes champion, if it still points there. ``--rollback``
@@ -52,7 +52,9 @@ class PromoteConfig:
     alias: str = opt(registry.CHALLENGER, "the candidate's alias, when no --version is given")
     data: str | None = opt(None, "a converted dataset: both models are scored on its --split")
     split: str = opt("val", "the split both models are scored on")
-    min_gain: float = opt(0.0, "the least mAP difference (candidate - champion) that promotes")
+    min_gain: float = opt(
+        0.0, "the least mAP difference (candidate - champion) that promotes; a tie promotes only if negative"
+    )
     force: bool = opt(False, "promote whatever the difference (recorded as forced)")
     rollback: bool = opt(False, "swap champion and previous-champion back")
     resamples: int = opt(1000, "bootstrap resamples of the images")
@@ -102,6 +104,13 @@ def _champion_moves(client: MlflowClient, name: str, candidate: str, champion: s
     if registry.aliases(client, name).get(registry.CHALLENGER) == candidate:
         moves[registry.CHALLENGER] = None
     return moves
+
+
+def better(gain: float, min_gain: float) -> bool:
+    """Whether a candidate ``gain`` mAP over the champion promotes it: by at least ``min_gain``, and
+    strictly better unless ``min_gain`` is negative (a tie, as the same model registered twice,
+    moves nothing; a negative ``min_gain`` accepts a candidate up to that much worse)."""
+    return gain >= min_gain and (gain > 0 or min_gain < 0)
 
 
 def trained_on(client: MlflowClient, name: str, roles: list[tuple[str, str]], manifest) -> dict[str, str]:
@@ -178,7 +187,7 @@ def promote(client: MlflowClient, config: PromoteConfig, lease: registry.Promoti
     comparison = registry.paired_bootstrap(
         scores["candidate"], scores["champion"], targets, ignore, resamples=config.resamples
     )
-    wins = comparison.gain >= config.min_gain
+    wins = better(comparison.gain, config.min_gain)
     decision = "promoted" if wins else ("forced" if config.force else "refused")
     tags = {
         **base,

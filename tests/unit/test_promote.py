@@ -146,3 +146,17 @@ def test_a_version_trained_on_other_data_than_it_is_scored_on_is_flagged(models,
     caplog.clear()
     assert models.promote()["candidate_trained_on"] == "unknown"
     assert any("unrecorded data" in r.getMessage() for r in caplog.records)
+
+
+def test_the_same_model_registered_again_ties_and_does_not_displace_the_champion(models):
+    champion = models.add(0.5)
+    again = models.add(0.5)
+    models.scores[again] = models.scores[champion]  # the same network: the same scores
+    models.client.set_registered_model_alias("m", "champion", champion)
+    models.client.set_registered_model_alias("m", "challenger", again)
+    result = models.promote()
+    assert result["gain"] == 0 and result["decision"] == "refused"
+    assert models.aliases() == {"champion": champion, "challenger": again}
+    # A negative --min-gain accepts a candidate up to that much worse, a tie included.
+    assert models.promote("--min-gain", "-0.01")["decision"] == "promoted"
+    assert models.aliases() == {"champion": again, "previous-champion": champion}
