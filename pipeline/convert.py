@@ -225,8 +225,8 @@ def convert(
     if rows_per_shard < 1:
         raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
     location = output_root(out).join(index.name)
-    with Lease(location, f"converting {index.name} from {index.root}", ttl=lease_ttl):
-        return _convert(index, location, settings, rows_per_shard, num_blocks, allow_shrink)
+    with Lease(location, f"converting {index.name} from {index.root}", ttl=lease_ttl) as lease:
+        return _convert(index, location, settings, rows_per_shard, num_blocks, allow_shrink, lease)
 
 
 def _committed(location: Location, splits: tuple[str, ...]) -> Manifest | None:
@@ -256,6 +256,7 @@ def _convert(
     rows_per_shard: int,
     num_blocks: int | None,
     allow_shrink: bool,
+    lease: Lease,
 ) -> ConvertSummary:
     start = time.perf_counter()
     committed = _committed(location, index.splits)
@@ -306,6 +307,7 @@ def _convert(
             [json.loads(line) for line in previous.read_text().splitlines()] if previous.exists() else []
         )
         rejects += [r for r in old_rejects if r["split"] in kept]
+    lease.check()  # taken over meanwhile (this run looked stale): the other run commits, not this one
     splits = tuple(index.splits) + tuple(kept)
     rejects.sort(key=lambda r: (splits.index(r["split"]) if r["split"] in splits else 0, r["image_id"]))
     rejects_file = f"_rejects-{run_id}.jsonl"

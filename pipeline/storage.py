@@ -8,6 +8,7 @@ store) and credentials from the standard AWS chain. pyarrow's ``S3FileSystem()``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -179,6 +180,10 @@ class LeaseHeld(ConfigError):
     """Another live process holds the lease."""
 
 
+class LeaseLost(ConfigError):
+    """This holder's lease was taken over (it went stale): what it did must not be committed."""
+
+
 class Lease:
     """An exclusive, self-expiring claim on a storage location, held for a block: ``with Lease(loc, ...):``.
 
@@ -186,13 +191,18 @@ class Lease:
     and is refreshed every ``ttl / 4`` seconds by a background thread. Another process asking for it
     is refused with :class:`LeaseHeld` naming the holder, unless the lease is stale: not refreshed
     for ``ttl`` seconds, or held by a process of this host that no longer exists. A stale lease is
-    taken over (the taker reads its own token back, so of two takers one wins). The marker is
-    removed on leaving the block, if it is still ours.
+    taken over by one taker only: each first creates a claim named after the stale marker's
+    contents (``_lease.takeover-<digest>.json``, created exclusively, as the marker is), and only
+    the one that created it writes the marker. A refresh that fails (the store unreachable for a
+    moment) is retried at the next period; a holder whose marker another took over is told by
+    :meth:`check`, which the caller runs before it commits. The marker is removed on leaving the
+    block, if it is still ours.
     """
 
     FILE = "_lease.json"
 
     def __init__(self, location: Location, purpose: str, ttl: float = 600.0):
+        self.location = location
         self.marker = location.join(self.FILE)
         self.purpose = purpose
         self.ttl = ttl
@@ -200,6 +210,8 @@ class Lease:
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lost: str | None = None
+        self._claim: Location | None = None
 
     def _record(self) -> bytes:
         return json.dumps(
@@ -215,11 +227,18 @@ class Lease:
             }
         ).encode()
 
-    def _holder(self) -> dict | None:
+    def _raw(self) -> bytes | None:
         try:
-            return json.loads(self.marker.read_bytes())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return self.marker.read_bytes()
+        except FileNotFoundError:
             return None
+
+    def _holder(self, raw: bytes | None = None) -> dict | None:
+        try:
+            record = json.loads(self._raw() if raw is None else raw)
+        except (TypeError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) else None
 
     def _stale(self, holder: dict) -> bool:
         if time.time() - float(holder.get("refreshed_at", 0)) > float(holder.get("ttl_s", self.ttl)):
@@ -235,7 +254,8 @@ class Lease:
 
     def __enter__(self) -> Lease:
         if not _create_exclusive(self.marker, self._record()):
-            holder = self._holder()
+            raw = self._raw()
+            holder = self._holder(raw)
             if holder is not None and not self._stale(holder):
                 age = time.time() - float(holder.get("refreshed_at", 0))
                 raise LeaseHeld(
@@ -244,23 +264,51 @@ class Lease:
                     f"{age:.0f} s ago; taken over once stale for {holder.get('ttl_s', self.ttl):g} s, or if that "
                     f"process is gone). Wait for it to finish."
                 )
-            log.warning(
-                "taking over the stale lease %s held by %s", self.marker.uri, (holder or {}).get("holder")
-            )
-            self.marker.write_bytes(self._record())
-            time.sleep(0.2)  # another taker may have written after us: whoever reads its own token wins
-            if (self._holder() or {}).get("token") != self.token:
-                raise LeaseHeld(f"{self.marker.uri}: another process took over the stale lease first")
+            if raw is not None:
+                self._take_over(raw, holder)
+            elif not _create_exclusive(self.marker, self._record()):  # released meanwhile; taken again
+                raise LeaseHeld(f"{self.marker.uri}: another process took the lease as it was released")
         self._thread = threading.Thread(target=self._refresh, name="lease-refresh", daemon=True)
         self._thread.start()
         return self
 
+    def _take_over(self, raw: bytes, holder: dict | None) -> None:
+        """Replace the stale marker ``raw``, if this process is the one that claims it."""
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        claim = self.location.join(f"_lease.takeover-{digest}.json")
+        taken = f"{self.marker.uri}: another process took over the stale lease first"
+        if not _create_exclusive(claim, self._record()):
+            raise LeaseHeld(taken)
+        self._claim = claim
+        if self._raw() != raw:  # replaced since it was read (a taker that already left): not stale
+            raise LeaseHeld(taken)
+        log.warning(
+            "taking over the stale lease %s held by %s", self.marker.uri, (holder or {}).get("holder")
+        )
+        self.marker.write_bytes(self._record())
+
     def _refresh(self) -> None:
         while not self._stop.wait(self.ttl / 4):
-            if (self._holder() or {}).get("token") != self.token:
-                log.error("lost the lease %s to another process", self.marker.uri)
-                return
-            self.marker.write_bytes(self._record())
+            try:
+                current = self._holder()
+                if (current or {}).get("token") != self.token:
+                    self._lost = (
+                        f"{self.marker.uri}: the lease is held by {(current or {}).get('holder')} now"
+                    )
+                    log.error("lost the lease %s to another process", self.marker.uri)
+                    return
+                self.marker.write_bytes(self._record())
+            except Exception as exc:  # the store unreachable for a moment: try again next period
+                log.warning("could not refresh the lease %s: %s", self.marker.uri, exc)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless this holder's token is still the marker's."""
+        current = self._holder()
+        if self._lost or (current or {}).get("token") != self.token:
+            raise LeaseLost(
+                (self._lost or f"{self.marker.uri}: the lease is held by {(current or {}).get('holder')} now")
+                + ": another process took it over while this one ran (it looked stale); nothing was committed"
+            )
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
@@ -268,3 +316,5 @@ class Lease:
             self._thread.join()
         if (self._holder() or {}).get("token") == self.token:
             self.marker.delete()
+            if self._claim is not None:
+                self._claim.delete()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.storage import Lease, LeaseHeld, resolve
+from pipeline.storage import Lease, LeaseHeld, LeaseLost, Location, resolve
 
 pytestmark = pytest.mark.unit
 
@@ -67,4 +67,47 @@ def test_a_held_lease_is_refreshed_and_not_removed_once_lost(tmp_path):
         # Another process took it over (this one looked dead): leaving must not remove theirs.
         (tmp_path / "ds" / Lease.FILE).write_text(json.dumps({**marker(tmp_path), "token": "theirs"}))
         assert lease.token != "theirs"
+        with pytest.raises(
+            LeaseLost, match="nothing was committed"
+        ):  # what the holder checks before it commits
+            lease.check()
+        time.sleep(0.15)
+        with pytest.raises(LeaseLost):  # and its refresher saw it too, and stopped writing
+            lease.check()
+        assert marker(tmp_path)["token"] == "theirs"
     assert marker(tmp_path)["token"] == "theirs"
+
+
+def test_of_two_takers_of_one_stale_lease_only_one_takes_it(tmp_path):
+    location = resolve(str(tmp_path / "ds"))
+    (tmp_path / "ds").mkdir()
+    stale = {"holder": "elsewhere:1", "host": "elsewhere", "pid": 1, "purpose": "first", "started_at": "t",
+             "refreshed_at": time.time() - 30, "ttl_s": 10, "token": "theirs"}  # fmt: skip
+    (tmp_path / "ds" / Lease.FILE).write_text(json.dumps(stale))
+    raw = (tmp_path / "ds" / Lease.FILE).read_bytes()
+    # Both found it stale; the first takes it over and holds it; the second, slower, comes after.
+    with Lease(location, "first taker") as first:
+        second = Lease(location, "second taker")
+        with pytest.raises(LeaseHeld, match="took over the stale lease first"):
+            second._take_over(raw, stale)
+        assert marker(tmp_path)["token"] == first.token
+        first.check()
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == []  # the marker and the claim are gone
+
+
+def test_a_refresh_that_fails_is_tried_again(tmp_path, monkeypatch):
+    location = resolve(str(tmp_path / "ds"))
+    write, failures = Location.write_bytes, []
+
+    def flaky(self, data):
+        if self.path.endswith(Lease.FILE) and not failures:
+            failures.append(1)
+            raise OSError("the store did not answer")
+        write(self, data)
+
+    with Lease(location, "long", ttl=0.4) as lease:
+        first = marker(tmp_path)["refreshed_at"]
+        monkeypatch.setattr(Location, "write_bytes", flaky)
+        time.sleep(0.35)  # three periods: one failed write, then refreshes again
+        assert failures and marker(tmp_path)["refreshed_at"] > first
+        lease.check()
