@@ -44,6 +44,7 @@ from jobs._models import (
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from mltr.serving import Predictor, decode_rows
+from pipeline.storage import local_path
 
 if TYPE_CHECKING:
     from pipeline.dataset import Manifest
@@ -102,7 +103,7 @@ def expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
                     if p.lower().endswith(IMAGE_SUFFIXES) or p == path
                 )
             continue
-        spec = spec.removeprefix("file://")
+        spec = local_path(spec)
         matches = sorted(globlib.glob(spec, recursive=True)) if globlib.has_magic(spec) else [spec]
         if not matches:
             yield spec  # reported as missing, not silently dropped
@@ -129,7 +130,7 @@ def out_path(out: str | None) -> Path | None:
         raise ConfigError(
             f"--out {out}: JSON lines go to a local file; write to object storage with --parquet-out"
         )
-    path = Path(out.removeprefix("file://"))
+    path = Path(local_path(out))
     if path.is_dir():
         raise ConfigError(f"--out {out} is a folder: name the JSON lines file")
     return path

@@ -15,6 +15,8 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +138,20 @@ class Location:
         )
 
 
+def local_path(uri: str) -> str:
+    """The path a ``file://`` URI names (``file:///data/my%20set`` is ``/data/my set``; the host
+    may be empty or ``localhost``); any other string as it is."""
+    if not uri.startswith("file://"):
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(
+            f"{uri!r}: a file:// URI names a path on this machine (file:///absolute/path), "
+            f"not one on host {parts.netloc!r}"
+        )
+    return urllib.request.url2pathname(parts.path)
+
+
 def resolve(uri: str) -> Location:
     """Turn a storage URI into a :class:`Location`."""
     if uri.startswith("s3://"):
@@ -144,7 +160,7 @@ def resolve(uri: str) -> Location:
             raise ConfigError(f"{uri!r}: an s3:// URI needs a bucket")
         return Location(_s3_filesystem(), path, "s3")
     if uri.startswith("file://"):
-        uri = uri[len("file://") :]
+        uri = local_path(uri)
     elif "://" in uri:
         raise ConfigError(f"{uri!r}: unsupported storage scheme (use a local path, file:// or s3://)")
     return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "file")

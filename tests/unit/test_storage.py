@@ -111,3 +111,16 @@ def test_a_refresh_that_fails_is_tried_again(tmp_path, monkeypatch):
         time.sleep(0.35)  # three periods: one failed write, then refreshes again
         assert failures and marker(tmp_path)["refreshed_at"] > first
         lease.check()
+
+
+def test_file_uris_name_the_local_paths_they_encode(tmp_path):
+    from mltr.errors import ConfigError
+
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    assert folder.as_uri().endswith("/my%20data")
+    for uri in (folder.as_uri(), f"file://localhost{folder}", str(folder)):
+        location = resolve(uri)
+        assert location.path == str(folder) and location.is_dir(), uri
+    with pytest.raises(ConfigError, match="not one on host 'elsewhere'"):
+        resolve("file://elsewhere/data")
