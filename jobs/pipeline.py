@@ -60,6 +60,9 @@ class PipelineArgs:
     """Whether to convert again, sweep, and what to do with the trained model."""
 
     reconvert: bool = opt(False, "convert again even when the converted dataset matches the source")
+    allow_shrink: bool = opt(
+        False, "convert over a committed dataset even if this conversion has under half of its rows"
+    )
     sweep: bool = opt(
         False, "a Ray Tune sweep (mltr tune's flags) instead of one run; its best trial goes on"
     )
@@ -141,7 +144,11 @@ def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, A
                     "1/4 preprocess: %s is from other annotations or image settings: converting again", uri
                 )
     log.info("1/4 preprocess: converting %s (%s) into %s", conversion.root, conversion.dataset, uri)
-    result = preprocess_job.run(preprocess_job.PreprocessConfig(conversion=conversion, address=address))
+    result = preprocess_job.run(
+        preprocess_job.PreprocessConfig(
+            conversion=conversion, allow_shrink=config.pipeline.allow_shrink, address=address
+        )
+    )
     manifest = load_manifest(result["uri"])
     return {
         "skipped": False,

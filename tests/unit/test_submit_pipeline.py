@@ -188,3 +188,18 @@ def test_a_run_is_registered_again_once_it_logged_a_new_model(tmp_path, monkeypa
     # Extended by more epochs, the run logged a new model: that one is registered.
     client.set_tag(run_id, "mltr.model_uri", f"models:/{second.model_id}")
     assert not pipeline.stage_register(config, run_id)["skipped"] and registered == [run_id]
+
+
+def test_the_pipeline_passes_allow_shrink_to_its_conversion(tmp_path, monkeypatch):
+    # What the conversion's refusal to shrink a dataset tells a user to pass is a pipeline flag too.
+    config = pipeline.parse([*PIPELINE[:4], "--out", str(tmp_path), "--allow-shrink"])
+    asked = []
+
+    def preprocess(c):
+        asked.append(c)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline.preprocess_job, "run", preprocess)
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipeline.stage_preprocess(config, None)
+    assert asked[0].allow_shrink and asked[0].conversion == config.conversion
