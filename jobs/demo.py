@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -55,6 +56,30 @@ class DemoConfig:
     epochs: int = opt(20, "training epochs")
     num_workers: int = opt(2, "Ray Train workers")
     sweep_epochs: int = opt(3, "epochs of each sweep trial (ASHA may stop one after 1)")
+
+
+GENERATED = "generated.json"  # beside the generated dataset: the settings it was generated with
+
+
+def generation(config: DemoConfig) -> dict[str, int]:
+    return {"images": config.images, "classes": config.classes, "seed": config.seed}
+
+
+def generated_as(source: Path) -> dict | None:
+    """The settings the dataset in ``source`` was generated with; None if it was not (to the end)."""
+    try:
+        return json.loads((source / GENERATED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def generate_source(config: DemoConfig, source: Path) -> None:
+    """Generate the demo's dataset into ``source``, from scratch (a dataset of other settings, or
+    one whose generation stopped part way, is removed first), and record its settings."""
+    if source.exists():
+        shutil.rmtree(source)
+    generate("coco", source, config.images, seed=config.seed, faults=True, classes=config.classes)
+    (source / GENERATED).write_text(json.dumps(generation(config)))
 
 
 class Terminal:
@@ -217,12 +242,12 @@ def run(config: DemoConfig) -> dict:
     log_file = work / "logs" / "demo.log"
     with output_to(log_file) as term:
         term.say(f"mltr demo: everything under {work}; Ray's and the stages' logs in {log_file}")
-        if (source / "annotations" / "instances_val2014.json").exists():
+        if generated_as(source) == generation(config):
             term.stage(1, f"dataset: reusing the generated COCO 2014 layout in {source}")
         else:
             term.stage(1, f"dataset: generating {config.images} images of {config.classes} classes "
                           f"(COCO 2014 layout, with faulty files) in {source}")  # fmt: skip
-            generate("coco", source, config.images, seed=config.seed, faults=True, classes=config.classes)
+            generate_source(config, source)
         # One local Ray for every stage, sized for the largest, its workers' output kept in Ray's logs.
         init_ray(
             num_cpus=max(pipeline.local_cpus(training), pipeline.local_cpus(sweeping)), log_to_driver=False

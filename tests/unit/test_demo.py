@@ -44,3 +44,20 @@ def test_the_sweep_bar_counts_a_trial_asha_stopped_as_done(tmp_path):
     client.set_tag(children["stopped"], STOPPED_EARLY_TAG, "true")  # the sweep closes ASHA's trial
     assert sweep_epochs(client, "mltr", "sweep", per_trial=3) == 8  # its two skipped epochs are done
     assert sweep_epochs(client, "mltr", "another sweep", per_trial=3) == 0
+
+
+def test_the_demo_reuses_its_generated_dataset_only_if_generated_with_the_same_settings(tmp_path):
+    from jobs.demo import DemoConfig, generate_source, generated_as, generation
+
+    source = tmp_path / "coco2014"
+    small = DemoConfig(images=16, classes=3, seed=1)
+    assert generated_as(source) is None
+    generate_source(small, source)
+    before = len(list(source.rglob("*.jpg")))
+    assert generated_as(source) == generation(small) == {"images": 16, "classes": 3, "seed": 1}
+    larger = DemoConfig(images=20, classes=3, seed=1)
+    assert generated_as(source) != generation(larger)  # so the demo generates it again
+    (source / "left-over.txt").write_text("from the earlier generation")
+    generate_source(larger, source)
+    assert generated_as(source) == generation(larger) and not (source / "left-over.txt").exists()
+    assert len(list(source.rglob("*.jpg"))) > before
