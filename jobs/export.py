@@ -18,13 +18,20 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jobs._config import component, opt, parse_config
-from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, checkpoint_classes, load_predictor
+from jobs._models import (
+    MODEL_URI_SCHEMES,
+    TrackingArgs,
+    check_class_names,
+    checkpoint_classes,
+    load_predictor,
+)
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
 from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
@@ -54,13 +61,15 @@ class ExportConfig:
     tracking: TrackingArgs = component(TrackingArgs)
 
 
-def check_images(config: ExportConfig) -> list:
-    """Decoded RGB uint8 images to check the export on: ``--data``'s split, or the files given."""
+def check_images(config: ExportConfig, classes: Sequence[str]) -> list:
+    """Decoded RGB uint8 images to check the export on: ``--data``'s split (the model must
+    predict its ``classes``), or the files given."""
     images = []
     if config.data:
         from pipeline.dataset import load_manifest
 
         manifest = load_manifest(config.data)
+        check_class_names(classes, manifest, config.model)
         for batch in manifest.iter_batches(config.split, ["image_id", "image"], config.check_images):
             rows = batch.to_pydict()
             images += [decode_image(d, str(i)) for i, d in zip(rows["image_id"], rows["image"], strict=True)]
@@ -118,7 +127,7 @@ def run(config: ExportConfig) -> dict:
     predictor = load_predictor(config.model, client, classes)
     predictor.model.to("cpu")
     predictor.device = torch.device("cpu")
-    images = check_images(config)
+    images = check_images(config, predictor.info.classes)
     pixels = np.stack([resize_image(image, predictor.info.input).numpy() for image in images])
     inputs = predictor.inputs(pixels)  # float32 (N, 3, S, S): the input contract
     out = Path(config.out)

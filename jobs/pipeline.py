@@ -332,9 +332,13 @@ def stage_register(config: PipelineConfig, run_id: str) -> dict[str, Any]:
 
 
 def _model_exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
-    except Exception:  # MLflow raises its own exception for an unknown name
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # the registry could not answer: not a missing model
         return False
     return True
 

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs._config import component, opt, parse_config
@@ -236,7 +237,9 @@ def run(config: PromoteConfig) -> dict:
     client = config.tracking.client()
     try:
         client.get_registered_model(config.name)
-    except Exception:
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # the registry could not answer: not a missing model
         raise ConfigError(
             f"no registered model {config.name!r} in {client.tracking_uri}: mltr register first"
         ) from None

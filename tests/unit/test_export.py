@@ -69,3 +69,26 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_one_as_it_was(tmp_pat
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["mltr.source"] == str(folder)
     assert json.loads(Path(f"{out}.json").read_text())["classes"] == ["x", "y"]
+
+
+def test_a_model_is_checked_on_a_dataset_only_if_it_predicts_that_datasets_classes(tmp_path, monkeypatch):
+    import types
+
+    import pipeline.dataset
+    from jobs import export
+    from jobs._config import parse_config
+    from mltr.errors import ConfigError
+    from mltr.serving import ModelInfo, Predictor
+
+    network = create_model("mltr_tiny", num_classes=2).eval()
+    animals = Predictor(network, ModelInfo(("cat", "dog"), (0.5, 0.5), network.config.input_contract()))
+    monkeypatch.setattr(export, "load_predictor", lambda model, client, classes: animals)
+    streets = types.SimpleNamespace(uri="/data/streets", classes=("car", "bus"), num_classes=2)
+    monkeypatch.setattr(pipeline.dataset, "load_manifest", lambda uri: streets)
+    flags = ["--model", "models:/animals/1", "--data", "/data/streets", "--out", str(tmp_path / "m.onnx")]
+    config = parse_config(
+        export.ExportConfig, [*flags, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    )
+    with pytest.raises(ConfigError, match="predicts 2 classes that are not the dataset's /data/streets"):
+        export.run(config)  # before anything is exported
+    assert not list(tmp_path.glob("*.onnx"))

@@ -160,3 +160,9 @@ def test_the_same_model_registered_again_ties_and_does_not_displace_the_champion
     # A negative --min-gain accepts a candidate up to that much worse, a tie included.
     assert models.promote("--min-gain", "-0.01")["decision"] == "promoted"
     assert models.aliases() == {"champion": again, "previous-champion": champion}
+
+
+def test_a_name_the_registry_does_not_hold_is_named(models):
+    flags = ["--name", "absent", "--data", "/data/coco", "--mlflow-uri", models.uri]
+    with pytest.raises(ConfigError, match="no registered model 'absent' in sqlite:.*: mltr register first"):
+        promote.run(parse_config(promote.PromoteConfig, flags))
