@@ -389,11 +389,13 @@ def _refuse_shrink(
 
 
 def _remove_stale_files(location: Location, keep: set[str]) -> None:
-    """Delete shards and reject lists the manifest does not list (earlier runs'), so one copy remains."""
+    """Delete shards and reject lists the manifest does not list (earlier runs'), so one copy
+    remains, and the temporary files of manifest writes a crash interrupted."""
     prefix = location.path.rstrip("/") + "/"
     for path in location.list_files():
         rel = path[len(prefix) :]
         shard = rel.endswith(".parquet") and "/" in rel
         rejects = rel.startswith("_rejects") and rel.endswith(".jsonl")
-        if (shard or rejects) and rel not in keep:
+        torn = rel.startswith(f"{MANIFEST}.tmp-")  # Location.write_bytes's, never renamed
+        if (shard or rejects or torn) and rel not in keep:
             location.fs.delete_file(path)

@@ -73,3 +73,20 @@ def test_process_batch_keeps_good_rows_and_reports_bad_ones(tmp_path):
 )
 def test_plan_blocks(entries, rows_per_shard, cpus, expected):
     assert plan_blocks(entries, rows_per_shard, cpus) == expected
+
+
+def test_a_commit_removes_what_earlier_runs_left_and_nothing_else(tmp_path):
+    from pipeline.convert import _remove_stale_files
+    from pipeline.storage import resolve
+
+    files = {
+        "train/part-new-0.parquet": True, "train/part-old-0.parquet": False, "_rejects-new.jsonl": True,
+        "_rejects-old.jsonl": False, "_manifest.json": True, "_manifest.json.tmp-1a2b3c4d": False,
+        "_lease.json.tmp-5e6f7a8b": True, "notes.txt": True,
+    }  # fmt: skip
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    _remove_stale_files(resolve(str(tmp_path)), {"train/part-new-0.parquet", "_rejects-new.jsonl"})
+    left = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert left == {rel for rel, kept in files.items() if kept}
