@@ -82,6 +82,13 @@ class PipelineConfig:
     train: train_job.TrainConfig = component(train_job.TrainConfig)
 
     def __post_init__(self):
+        if not self.pipeline.sweep and self.sweep != tune_job.SweepArgs():
+            given = [
+                f"--{k.replace('_', '-')}"
+                for k, v in to_dict(self.sweep).items()
+                if v != to_dict(tune_job.SweepArgs())[k]
+            ]
+            raise ConfigError(f"{', '.join(given)}: sweep flags, which only --sweep uses")
         if self.train.data.uri.rstrip("/") != self.conversion.uri:
             raise ConfigError(
                 f"--data is <out>/<dataset> in a pipeline ({self.conversion.uri}), got {self.train.data.uri}"

@@ -95,6 +95,11 @@ def test_pipeline_reads_the_dataset_from_out_and_presets_of_train_or_tune(capsys
         ["--dataset", "voc", "--root", "/raw", "--out", "s3://b/ds", "--config", "tiny", "--sweep"]
     )
     assert swept.sweep.window_sizes == (2, 4) and swept.train.optim.epochs == 6  # tune/tiny
+    with pytest.raises(SystemExit) as exited:  # a sweep flag without --sweep would be ignored
+        pipeline.parse(["--dataset", "voc", "--root", "/raw", "--out", "/ds", "--losses", "bce,asl"])
+    assert (
+        exited.value.code == 2 and "--losses: sweep flags, which only --sweep uses" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit) as exited:
         pipeline.parse(["--dataset", "voc", "--root", "/raw", "--out", "/ds", "--data", "/elsewhere/voc"])
     assert exited.value.code == 2
