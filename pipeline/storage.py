@@ -330,7 +330,10 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if (self._holder() or {}).get("token") == self.token:
-            self.marker.delete()
-            if self._claim is not None:
-                self._claim.delete()
+        try:
+            if (self._holder() or {}).get("token") == self.token:
+                self.marker.delete()
+                if self._claim is not None:
+                    self._claim.delete()
+        except Exception as exc:  # the block's own error, if any, is the one to see; the lease goes stale
+            log.warning("could not release the lease %s (it expires by itself): %s", self.marker.uri, exc)

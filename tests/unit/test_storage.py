@@ -124,3 +124,14 @@ def test_file_uris_name_the_local_paths_they_encode(tmp_path):
         assert location.path == str(folder) and location.is_dir(), uri
     with pytest.raises(ConfigError, match="not one on host 'elsewhere'"):
         resolve("file://elsewhere/data")
+
+
+def test_a_release_that_fails_does_not_hide_the_blocks_own_error(tmp_path, monkeypatch):
+    location = resolve(str(tmp_path / "ds"))
+
+    def unreachable(self):
+        raise OSError("the store did not answer")
+
+    with pytest.raises(ValueError, match="the conversion's own error"), Lease(location, "x"):
+        monkeypatch.setattr(Location, "read_bytes", unreachable)
+        raise ValueError("the conversion's own error")
