@@ -100,7 +100,7 @@ class Location:
             return self.fs.get_file_info(self.path).type == pafs.FileType.File
 
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as f:
+        with storage_errors(self.uri), self.fs.open_input_stream(self.path) as f:
             return f.read()
 
     def read_text(self) -> str:
@@ -108,6 +108,10 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Write a whole object. Local files appear atomically (temp file + rename); an S3 PUT is atomic."""
+        with storage_errors(self.uri):
+            self._write_bytes(data)
+
+    def _write_bytes(self, data: bytes) -> None:
         parent = self.path.rsplit("/", 1)[0]
         if self.scheme == "file":
             self.fs.create_dir(parent, recursive=True)
@@ -133,9 +137,9 @@ class Location:
     def list_files(self) -> list[str]:
         """Paths of all files below this location (recursive); empty if it does not exist."""
         selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
-        return sorted(
-            info.path for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File
-        )
+        with storage_errors(self.uri):
+            infos = self.fs.get_file_info(selector)
+        return sorted(info.path for info in infos if info.type == pafs.FileType.File)
 
 
 def local_path(uri: str) -> str:

@@ -135,3 +135,19 @@ def test_a_release_that_fails_does_not_hide_the_blocks_own_error(tmp_path, monke
     with pytest.raises(ValueError, match="the conversion's own error"), Lease(location, "x"):
         monkeypatch.setattr(Location, "read_bytes", unreachable)
         raise ValueError("the conversion's own error")
+
+
+def test_a_store_that_cannot_be_reached_mid_run_is_named_in_one_line(monkeypatch):
+    from mltr.errors import ConfigError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    location = resolve("s3://bucket/datasets/coco")
+    for call in (location.join("_manifest.json").read_bytes, location.list_files):
+        with pytest.raises(
+            ConfigError, match=r"^s3://bucket/datasets/coco.*: the object store at http://127.0.0.1:1"
+        ):
+            call()
+    with pytest.raises(ConfigError, match="the object store at http://127.0.0.1:1"):
+        location.join("_lease.json").write_bytes(b"{}")
