@@ -116,15 +116,21 @@ def apply_thresholds(logits: Any, thresholds: Any = 0.5) -> torch.Tensor:
     return _as_tensor(logits, torch.float64) >= _logit(thresholds)
 
 
-def top_k_predictions(logits: Any, k: int = 3, ignore: Any = None) -> torch.Tensor:
-    """Bool predictions of each image's ``k`` highest-scoring classes; ignored classes are never chosen."""
+def top_k_predictions(
+    logits: Any, k: int = 3, ignore: Any = None, threshold: float | None = 0.5
+) -> torch.Tensor:
+    """Bool predictions of each image's ``k`` highest-scoring classes that also score at least
+    ``threshold`` (the published top-3 figures' convention, ML-GCN's ``overall_topk``: a top-3
+    class scoring under 0.5 is not predicted; ``None``: the top ``k`` whatever they score);
+    ignored classes are never chosen."""
     logits = _as_tensor(logits, torch.float64)
     if ignore is not None:
         logits = logits.masked_fill(_as_tensor(ignore) != 0, float("-inf"))
     k = min(k, logits.shape[1])
     chosen = torch.zeros(logits.shape, dtype=torch.bool)
     chosen.scatter_(1, logits.topk(k, dim=1).indices, True)
-    return chosen & (logits > float("-inf"))
+    chosen &= logits > float("-inf")
+    return chosen if threshold is None else chosen & apply_thresholds(logits, threshold)
 
 
 def precision_recall_f1(predictions: Any, targets: Any, ignore: Any = None) -> dict[str, float]:
@@ -283,7 +289,8 @@ class MetricAccumulator:
         return out
 
     def compute(self, threshold: float | Sequence[float] | np.ndarray = 0.5, k: int = 3) -> MetricResult:
-        """mAP, per-class AP, and CP..OF1 at ``threshold`` (one, or one per class) and for the top ``k``."""
+        """mAP, per-class AP, and CP..OF1 at ``threshold`` (one, or one per class) and for the top
+        ``k`` scoring at least 0.5 (:func:`top_k_predictions`, as the published top-3 figures)."""
         logits, targets, ignore = self._concat()
         mean_ap, per_class = mean_average_precision(logits, targets, ignore)
         return MetricResult(

@@ -101,12 +101,16 @@ def test_threshold_and_top3_metrics_match_sklearn(tied):
     for i in range(N):
         top3[i, np.argsort(-masked[i], kind="stable")[:3]] = True
     top3 &= ~ignore  # an image with fewer than 3 non-ignored classes predicts only those
-    chosen = top_k_predictions(logits, 3, ignore)
+    unthresholded = top_k_predictions(logits, 3, ignore, threshold=None)
     valid_per_image = torch.from_numpy(~ignore).sum(1)
-    assert torch.equal(chosen.sum(1), valid_per_image.clamp(max=3))
+    assert torch.equal(unthresholded.sum(1), valid_per_image.clamp(max=3))
+    # The published top-3 figures (ML-GCN's overall_topk): of the top 3, those scoring >= 0.5.
+    chosen = top_k_predictions(logits, 3, ignore)
+    assert torch.equal(chosen, unthresholded & torch.from_numpy(scores >= 0))
+    assert 0 < chosen.sum() < unthresholded.sum()
     assert not (chosen & torch.from_numpy(ignore)).any()
     if not tied:  # with ties the top 3 is not unique
-        assert torch.equal(chosen, torch.from_numpy(top3))
+        assert torch.equal(unthresholded, torch.from_numpy(top3))
     got = precision_recall_f1(chosen, targets, ignore)
     for name, value in sklearn_prf(chosen.numpy(), targets, ignore).items():
         assert got[name] == pytest.approx(value), name
