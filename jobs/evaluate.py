@@ -96,6 +96,11 @@ def run(config: EvaluateConfig) -> dict:
     source = f"models:/{version.name}/{version.version}" if version is not None else config.model
     predictor = load_predictor(source, client, tuple(manifest.classes), config.batch_size)
     check_classes(predictor, manifest, config.model)
+    if config.split == "train":
+        log.warning(
+            "the train split holds the rows the model was fit on and those its weights and thresholds "
+            "were chosen on: its figures are not an estimate of how it does on new images"
+        )
     figures = evaluate(predictor, manifest, config.split, config.batch_size, config.top_k)
     print(
         f"{config.model} on {manifest.uri} ({config.split}, {figures['images']} images)\n{table(figures)}",

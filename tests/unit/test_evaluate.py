@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_log_records_the_figures_on_the_version_scored_even_if_the_alias_moves_meanwhile(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -42,3 +42,13 @@ def test_log_records_the_figures_on_the_version_scored_even_if_the_alias_moves_m
     assert loaded == [f"models:/m/{first}"] and out["logged_on"] == f"models:/m/{first}"
     assert client.get_model_version("m", first).tags["mltr.eval.val.mAP"] == "0.75"
     assert "mltr.eval.val.mAP" not in client.get_model_version("m", second).tags
+
+    assert "not an estimate" not in caplog.text
+    # Figures on the train split are the fitted and calibrated rows': said so.
+    evaluate.run(
+        parse_config(
+            evaluate.EvaluateConfig,
+            ["--model", "models:/m/2", "--data", "/data/coco", "--split", "train", "--mlflow-uri", uri],
+        )
+    )
+    assert "train split holds the rows the model was fit on" in caplog.text
