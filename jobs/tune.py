@@ -30,6 +30,7 @@ from typing import Any, Literal
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from jobs import train as train_job
 from jobs._config import component, opt, parse_config, replace_flat, to_dict
@@ -130,14 +131,41 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         train_job.report(resolved, train_run, client, fit(trainer))
 
 
+class LastEpochASHA(ASHAScheduler):
+    """ASHA whose rungs lie before the last epoch (``max_t`` is ``--epochs`` - 1) and which never
+    stops a trial past them. Its rungs are not saved with the experiment: a trial restored from
+    its checkpoint of the second-to-last epoch reports its last epoch first, and plain ASHA would
+    judge it there, at a rung that other trials filled since the restart, and could stop it
+    before it logs the model it trained."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) > self._max_t:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def _trial_name(trial) -> str:
     return trial.trial_id
+
+
+def trial_train(config: SweepConfig) -> train_job.TrainConfig:
+    """The training flags every trial starts from: ``--workers-per-trial`` workers, at least one
+    decode actor, and the first of ``--window-sizes`` (the model is resolved and checked with it,
+    not with a preset's window the sweep does not use)."""
+    sweep, train = config.sweep, config.train
+    return replace_flat(
+        train,
+        num_workers=sweep.workers_per_trial or train.scaling.num_workers,
+        decode_actors=train.data.decode_actors or 1,
+        **({"window_size": sweep.window_sizes[0]} if sweep.window_sizes else {}),
+    )
 
 
 def local_cpus(config: SweepConfig) -> int:
     """Logical CPUs of a local Ray for the sweep: --max-concurrent-trials trials (one by default)."""
     wanted = config.sweep.max_concurrent_trials or 1
-    return max(train_job.local_cpus(config.train), math.ceil(trial_cpus(config.train) * wanted))
+    train = trial_train(config)
+    return max(train_job.local_cpus(train), math.ceil(trial_cpus(train) * wanted))
 
 
 def trial_cpus(train: train_job.TrainConfig) -> float:
@@ -192,7 +220,7 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         score = result.get(SELECTION_METRIC)
-        if score is not None and (self.best is None or score > self.best[0]):
+        if score is not None and math.isfinite(score) and (self.best is None or score > self.best[0]):
             self.best = (score, trial.trial_id)
         self._say(trial, f"epoch {result.get(EPOCHS_DONE_KEY)}/{self.epochs}, {SELECTION_METRIC} {score:.4f}")
 
@@ -244,10 +272,15 @@ def _records(
             state = STOPPED
         else:
             state = INTERRUPTED
+        scored = (
+            history[SELECTION_METRIC].dropna()
+            if history is not None and SELECTION_METRIC in history
+            else None
+        )
         if state == FINISHED:
             calib, val = metrics.get("calib_mAP"), metrics.get("val_mAP")
-        elif history is not None and SELECTION_METRIC in history and len(history):
-            row = history.loc[history[SELECTION_METRIC].idxmax()]
+        elif state != FAILED and scored is not None and len(scored):  # a failed trial is not scored
+            row = history.loc[scored.idxmax()]
             calib, val = float(row[SELECTION_METRIC]), float(row.get("val_selected_mAP", math.nan))
         else:
             calib = val = None
@@ -375,15 +408,10 @@ def run(config: SweepConfig, trial: Callable[[dict, TrialContext], None] = run_t
 
 def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     sweep = config.sweep
-    train = config.train
-    train = replace_flat(
-        train,
-        num_workers=sweep.workers_per_trial or train.scaling.num_workers,
-        decode_actors=train.data.decode_actors or 1,
-    )
+    train = trial_train(config)
     resolved = train_job.resolve(
         train
     )  # the manifest, labels and calibration split, read once for all trials
@@ -445,7 +473,7 @@ def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> di
             scheduler = (
                 # Rungs only before the last epoch, and a trial that reaches it is never stopped:
                 # stopping it there would kill its driver before it logs the model it trained.
-                ASHAScheduler(
+                LastEpochASHA(
                     time_attr=EPOCHS_DONE_KEY,  # epochs, a restored trial's included
                     metric=SELECTION_METRIC,
                     mode="max",

@@ -52,7 +52,10 @@ def table_csv(records: Sequence[TrialRecord]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=[f.name for f in fields(TrialRecord)])
     writer.writeheader()
-    writer.writerows(asdict(r) for r in rank(records))
+    writer.writerows(
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
+        for r in rank(records)
+    )  # a figure a trial does not have is an empty cell, whether None or NaN
     return out.getvalue()
 
 
@@ -97,7 +100,7 @@ def plot_by_window_and_loss(records: Sequence[TrialRecord], path: Path) -> None:
             for w in windows:
                 record = best_of.get((w, loss))
                 value = getattr(record, attr) if record else None
-                values.append(0.0 if value is None or math.isnan(value) else value)
+                values.append(math.nan if value is None else value)  # no bar, not a bar at 0
             ax.bar([i + j * width for i in range(len(windows))], values, width=width, label=loss)
         ax.set_xticks(
             [i + width * (len(losses) - 1) / 2 for i in range(len(windows))], [str(w) for w in windows]

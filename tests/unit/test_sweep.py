@@ -56,13 +56,29 @@ def test_trials_rank_by_the_calibration_map_and_the_best_is_a_finished_one_with_
 
 def test_results_tables_are_ranked_and_complete(tmp_path):
     records = [record("a", 0.4, window=2, loss="bce"), record("b", 0.6, window=4, loss="asl")]
-    rows = list(csv.DictReader(io.StringIO(table_csv(records))))
-    assert [r["trial_id"] for r in rows] == ["b", "a"]
+    stopped = record("s", 0.3, status=STOPPED, val=math.nan, window=2, loss="asl", model=False)
+    rows = list(csv.DictReader(io.StringIO(table_csv([*records, stopped]))))
+    assert [r["trial_id"] for r in rows] == ["b", "a", "s"]
+    assert rows[2]["val_mAP"] == "" == rows[2]["model_uri"]  # missing figures are empty, NaN or None
     assert rows[0]["model_uri"] == "models:/m-b" and float(rows[1]["calib_mAP"]) == 0.4
     lines = table_markdown(records).splitlines()
     assert lines[2].startswith("| 1 | b | 4 | asl |") and lines[3].startswith("| 2 | a | 2 | bce |")
-    plot_by_window_and_loss(records + [record("c", None, status=FAILED)], tmp_path / "plot.png")
+    import matplotlib.axes
+
+    heights, bar = [], matplotlib.axes.Axes.bar
+
+    def recorded_bar(self, x, height, *args, **kwargs):
+        heights.append(list(height))
+        return bar(self, x, height, *args, **kwargs)
+
+    matplotlib.axes.Axes.bar = recorded_bar
+    try:
+        plot_by_window_and_loss(records + [record("c", None, status=FAILED)], tmp_path / "plot.png")
+    finally:
+        matplotlib.axes.Axes.bar = bar
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # calib then val, per loss (asl, bce) over windows (2, 4): a pair with no figure has no bar.
+    assert [[None if math.isnan(v) else v for v in h] for h in heights[:2]] == [[None, 0.6], [0.4, None]]
 
 
 def test_sweep_flags_parse_like_the_issue_names_them_and_trials_inherit_training_flags():
@@ -137,3 +153,84 @@ def test_what_a_run_and_a_sweep_ask_an_autoscaler_for_and_what_a_refusal_suggest
         tune.concurrency(waited, waited.train, {"CPU": 2})
     with pytest.raises(ConfigError, match="--wait-for-resources must be 0 or more seconds, got -1"):
         sweep_config(wait_for_resources=-1)
+
+
+def test_a_restored_trial_at_its_last_epoch_is_not_stopped_before_it_logs_its_model():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    epochs = 3  # rungs before the last epoch: max_t = epochs - 1, as the sweep sets it
+    kwargs = dict(time_attr="epochs_done", metric="selection_mAP", mode="max", max_t=epochs - 1,
+                  grace_period=1, reduction_factor=2, stop_last_trials=False)  # fmt: skip
+    for scheduler, expected in ((ASHAScheduler(**kwargs), TrialScheduler.STOP),
+                                (tune.LastEpochASHA(**kwargs), TrialScheduler.CONTINUE)):  # fmt: skip
+        # After a restore the rungs start empty: one trial, resumed from epoch 1, reports epoch 2;
+        # another, resumed from epoch 2, reports its last epoch, lower.
+        resumed, last = SimpleNamespace(trial_id="resumed"), SimpleNamespace(trial_id="last")
+        for trial in (resumed, last):
+            scheduler.on_trial_add(None, trial)
+        scheduler.on_trial_result(None, resumed, {"epochs_done": 2, "selection_mAP": 0.70})
+        assert scheduler.on_trial_result(None, last, {"epochs_done": 3, "selection_mAP": 0.65}) == expected
+
+
+def test_a_failed_trial_is_not_scored_and_a_history_of_nans_is_no_figure(monkeypatch):
+    import types
+
+    import pandas as pd
+    import ray.tune
+
+    configs = {
+        t: {"window_size": 2, "loss": "asl", "lr": lr}
+        for t, lr in (("diverged", 1e-2), ("nan", 1e-3), ("ok", 1e-4))
+    }
+    statuses = {"diverged": "ERROR", "nan": "TERMINATED", "ok": "TERMINATED"}
+
+    class Analysis:
+        def __init__(self, path, storage_filesystem=None):
+            self.trials = [
+                types.SimpleNamespace(trial_id=t, status=s, config=configs[t]) for t, s in statuses.items()
+            ]
+
+    def result(trial_id, history, error=None):
+        frame = pd.DataFrame(history)
+        return types.SimpleNamespace(path=f"/sweep/{trial_id}", config=configs[trial_id], metrics=history[-1],
+                                     metrics_dataframe=frame, error=error)  # fmt: skip
+
+    ok_run = types.SimpleNamespace(
+        info=types.SimpleNamespace(run_id="run-ok", status="FINISHED"),
+        data=types.SimpleNamespace(metrics={"calib_mAP": 0.5, "val_mAP": 0.55, "epochs_done": 2},
+                                   tags={tune.TRIAL_TAG: "ok", "mltr.model_uri": "models:/m-ok"}),
+    )  # fmt: skip
+    monkeypatch.setattr(ray.tune, "ExperimentAnalysis", Analysis)
+    monkeypatch.setattr(tune, "_child_runs", lambda client, parent: [ok_run])
+    results = [
+        result("diverged", [{"epochs_done": 1, "selection_mAP": 0.72, "val_selected_mAP": 0.74}],
+               error=RuntimeError("TrainingDiverged: the training loss is nan")),
+        result("nan", [{"epochs_done": 1, "selection_mAP": math.nan, "val_selected_mAP": math.nan}]),
+        result("ok", [{"epochs_done": 2, "selection_mAP": 0.5, "val_selected_mAP": 0.55}]),
+    ]  # fmt: skip
+    records = {r.trial_id: r for r in tune._records(results, "/sweep", None, None, "parent")}
+    assert records["diverged"].status == FAILED and records["diverged"].calib_mAP is None
+    assert records["nan"].status == STOPPED and records["nan"].calib_mAP is None
+    assert [r.trial_id for r in rank(records.values())][0] == "ok" == best(records.values()).trial_id
+
+
+def test_a_sweep_sizes_its_local_ray_and_checks_its_windows_with_its_own_trial_flags(capsys):
+    from types import SimpleNamespace
+
+    config = sweep_config(num_workers=1, workers_per_trial=2)
+    assert tune.trial_train(config).scaling.num_workers == 2
+    assert tune.local_cpus(config) >= math.ceil(tune.trial_cpus(tune.trial_train(config)))
+    # A preset's window that does not fit the image size is not checked when the sweep sets its own.
+    coco = parse_config(
+        tune.SweepConfig,
+        ["--config", "coco", "--data", "x", "--image-size", "256", "--window-sizes", "8,16"], job="tune",
+    )  # fmt: skip
+    assert tune.trial_train(coco).model.resolve(80).window_size == 8
+
+    progress = tune.Progress(total=2, epochs=2)
+    trial = SimpleNamespace(trial_id="a", config={"window_size": 2, "loss": "asl", "lr": 1e-3})
+    progress.on_trial_result(0, [], trial, {tune.SELECTION_METRIC: math.nan, "epochs_done": 1})
+    progress.on_trial_result(0, [], trial, {tune.SELECTION_METRIC: 0.8, "epochs_done": 2})
+    assert "best so far 0.8000 (a)" in capsys.readouterr().out.splitlines()[-1]
