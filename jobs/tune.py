@@ -350,6 +350,19 @@ def param_values(config: SweepConfig) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, list) else str(v)[:6000] for k, v in values.items()}
 
 
+def check_restorable(
+    client: MlflowClient, experiment_id: str, name: str, restorable: bool, state: str, where: str
+) -> None:
+    """A sweep whose Tune state is there (it would be resumed) must have its parent run here: that
+    is where its flags are compared. Found nowhere (another --experiment or MLflow store), it
+    would resume the old trials under new flags, and lose the finished trials' runs."""
+    if restorable and not tracking.runs_tagged(client, [experiment_id], SWEEP_TAG, name):
+        raise ConfigError(
+            f"sweep {name!r} has its trials' state in {state} but no MLflow parent run in {where}: "
+            f"resume it with the --experiment and --mlflow-uri it started with, or give a new --name"
+        )
+
+
 def _open_parent(client: MlflowClient, experiment_id: str, name: str, config: SweepConfig, tags: dict) -> str:
     """The sweep's MLflow run: found again by its name (the same flags, else refused) or created."""
     params = param_values(config)
@@ -437,6 +450,10 @@ def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> di
     client = MlflowClient(resolved.mlflow_uri)
     artifact_root = (workdir / "mlartifacts").as_uri() if resolved.mlflow_uri.startswith("sqlite:") else None
     experiment_id = tracking.ensure_experiment(client, train.run.experiment, artifact_root)
+    check_restorable(
+        client, experiment_id, name, tune.Tuner.can_restore(experiment_path, storage_filesystem=fs),
+        f"{storage.join(name).uri}", f"experiment {train.run.experiment!r} of {resolved.mlflow_uri}",
+    )  # fmt: skip
     parent_run_id = _open_parent(
         client, experiment_id, name, config,
         {"mltr.dataset": manifest.name, "mltr.dataset_fingerprint": manifest.fingerprint, "mltr.model": train.model.variant},

@@ -234,3 +234,17 @@ def test_a_sweep_sizes_its_local_ray_and_checks_its_windows_with_its_own_trial_f
     progress.on_trial_result(0, [], trial, {tune.SELECTION_METRIC: math.nan, "epochs_done": 1})
     progress.on_trial_result(0, [], trial, {tune.SELECTION_METRIC: 0.8, "epochs_done": 2})
     assert "best so far 0.8000 (a)" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_sweep_with_trials_to_resume_but_no_parent_run_here_is_refused(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    here, elsewhere = client.create_experiment("mltr"), client.create_experiment("other")
+    client.create_run(here, tags={tune.SWEEP_TAG: "grid"})
+    tune.check_restorable(client, here, "grid", True, "/runs/grid", "experiment 'mltr'")  # its parent is here
+    tune.check_restorable(client, elsewhere, "grid", False, "/runs/grid", "experiment 'other'")  # a new sweep
+    with pytest.raises(
+        ConfigError, match="sweep 'grid' has its trials' state in /runs/grid but no MLflow parent"
+    ):
+        tune.check_restorable(client, elsewhere, "grid", True, "/runs/grid", "experiment 'other'")
