@@ -89,6 +89,13 @@ class SweepArgs:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.reduction_factor < 2:
             raise ConfigError(f"--reduction-factor must be at least 2, got {self.reduction_factor}")
+        for name in ("window_sizes", "losses", "lrs"):  # a value twice is the same trials twice
+            values = getattr(self, name)
+            twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if twice:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} names {', '.join(map(str, twice))} more than once"
+                )
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ def test_sweep_flags_parse_like_the_issue_names_them_and_trials_inherit_training
     "flags, message",
     [
         ({"losses": ("bce", "hinge")}, "--losses: unknown ['hinge']"),
+        ({"window_sizes": (2, 4, 2)}, "--window-sizes names 2 more than once"),
+        ({"losses": ("asl", "bce", "asl")}, "--losses names asl more than once"),
         ({"lr_range": (1e-3, 1e-5)}, "--lr-range must be low,high"),
         ({"lrs": (1e-3, 0.0)}, "--lrs must be positive"),
         ({"window_sizes": (0,)}, "--window-sizes must be positive"),
