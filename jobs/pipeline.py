@@ -309,15 +309,12 @@ def stage_register(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     name = config.pipeline.register_as or registry.default_name(config.conversion.dataset)
     # The version of this run's model as it is now: a run extended (more epochs) logged a new model.
     model_uri = client.get_run(run_id).data.tags.get("mltr.model_uri")
-    existing = [
-        v
-        for v in (
-            client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-            if _model_exists(client, name)
-            else []
-        )
-        if model_uri and v.source == model_uri
-    ]
+    of_run = (
+        client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if _model_exists(client, name)
+        else []
+    )
+    existing = [v for v in of_run if model_uri and v.source == model_uri]
     if existing:
         version = max(existing, key=lambda v: int(v.version))
         log.info("3/4 register: skipped, %s version %s is run %s's model", name, version.version, run_id)

@@ -45,11 +45,16 @@ def test_a_lease_of_a_process_that_is_gone_is_taken_over(tmp_path):
         assert marker(tmp_path)["token"] == lease.token and marker(tmp_path)["purpose"] == "second"
 
 
+def stale_marker() -> dict:
+    """A lease of another host's process ("first"), last refreshed 30 s ago with a 10 s ttl."""
+    return {"holder": "elsewhere:1", "host": "elsewhere", "pid": 1, "purpose": "first", "started_at": "t",
+            "refreshed_at": time.time() - 30, "ttl_s": 10, "token": "theirs"}  # fmt: skip
+
+
 def test_a_lease_not_refreshed_within_its_ttl_is_taken_over(tmp_path):
     location = resolve(str(tmp_path / "ds"))
     (tmp_path / "ds").mkdir()
-    other_host = {"holder": "elsewhere:1", "host": "elsewhere", "pid": 1, "purpose": "first", "started_at": "t",
-                  "refreshed_at": time.time() - 30, "ttl_s": 10, "token": "theirs"}  # fmt: skip
+    other_host = stale_marker()
     (tmp_path / "ds" / Lease.FILE).write_text(json.dumps(other_host))
     with Lease(location, "second") as lease:
         assert marker(tmp_path)["token"] == lease.token
@@ -81,8 +86,7 @@ def test_a_held_lease_is_refreshed_and_not_removed_once_lost(tmp_path):
 def test_of_two_takers_of_one_stale_lease_only_one_takes_it(tmp_path):
     location = resolve(str(tmp_path / "ds"))
     (tmp_path / "ds").mkdir()
-    stale = {"holder": "elsewhere:1", "host": "elsewhere", "pid": 1, "purpose": "first", "started_at": "t",
-             "refreshed_at": time.time() - 30, "ttl_s": 10, "token": "theirs"}  # fmt: skip
+    stale = stale_marker()
     (tmp_path / "ds" / Lease.FILE).write_text(json.dumps(stale))
     raw = (tmp_path / "ds" / Lease.FILE).read_bytes()
     # Both found it stale; the first takes it over and holds it; the second, slower, comes after.
