@@ -43,8 +43,8 @@ from jobs._models import (
 )
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
+from mltr.paths import local_path
 from mltr.serving import Predictor, decode_rows
-from pipeline.storage import local_path
 
 if TYPE_CHECKING:
     from pipeline.dataset import Manifest

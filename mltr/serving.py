@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mltr.errors import ConfigError
 from mltr.images import special_file_kind, to_rgb
 from mltr.model import MlTr, normalize
+from mltr.paths import local_path
 
 # The pyfunc's input: one of these columns per row (bytes win when a row has both).
 IMAGE_COLUMN, PATH_COLUMN = "image", "path"
@@ -95,9 +97,14 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of an image at a local path, ``file://`` or any fsspec URI (``s3://``)."""
     import fsspec
 
+    target = source
     if "://" not in source or source.startswith("file://"):
+        try:
+            target = local_path(source)  # file:///data/my%20set/a.jpg is /data/my set/a.jpg
+        except ConfigError as exc:
+            raise ImageError(str(exc)) from None
         try:  # checked before it is opened: opening a FIFO blocks until someone writes to it
-            kind = special_file_kind(os.stat(source.removeprefix("file://")).st_mode)
+            kind = special_file_kind(os.stat(target).st_mode)
         except OSError:
             kind = None  # fsspec's open below names what is wrong
         if kind == "folder":
@@ -105,7 +112,7 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         if kind:
             raise ImageError(f"{source}: a {kind}, not a regular file")
     try:
-        with fsspec.open(source, "rb") as f:
+        with fsspec.open(target, "rb") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise ImageError(f"{source}: no such file") from None

@@ -15,8 +15,6 @@ import os
 import socket
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from datetime import datetime, timezone
 import pyarrow.fs as pafs
 
 from mltr.errors import ConfigError
+from mltr.paths import local_path
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +139,6 @@ class Location:
         with storage_errors(self.uri):
             infos = self.fs.get_file_info(selector)
         return sorted(info.path for info in infos if info.type == pafs.FileType.File)
-
-
-def local_path(uri: str) -> str:
-    """The path a ``file://`` URI names (``file:///data/my%20set`` is ``/data/my set``; the host
-    may be empty or ``localhost``); any other string as it is."""
-    if not uri.startswith("file://"):
-        return uri
-    parts = urllib.parse.urlsplit(uri)
-    if parts.netloc not in ("", "localhost"):
-        raise ConfigError(
-            f"{uri!r}: a file:// URI names a path on this machine (file:///absolute/path), "
-            f"not one on host {parts.netloc!r}"
-        )
-    return urllib.request.url2pathname(parts.path)
 
 
 def resolve(uri: str) -> Location:

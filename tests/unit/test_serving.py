@@ -210,3 +210,15 @@ def test_rows_without_a_usable_path_or_image_are_errors_and_a_fifo_is_not_opened
         errors[3] == f"{fifo}: a FIFO, not a regular file"
         and errors[4] == f"{tmp_path}: is a folder, not an image"
     )
+
+
+def test_file_uris_are_read_as_the_paths_they_encode(logged, tmp_path):
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encoded(30, 30, "JPEG", 7))
+    uri = (folder / "a.jpg").as_uri()
+    assert "%20" in uri
+    out = logged.predict(pd.DataFrame({"path": [uri, str(folder / "a.jpg"), "file://elsewhere/a.jpg"]}))
+    errors = out["error"].tolist()
+    assert pd.isna(errors[0]) and pd.isna(errors[1]) and out["scores"][0] == pytest.approx(out["scores"][1])
+    assert "not one on host 'elsewhere'" in errors[2]  # that row's error, not the whole batch's
