@@ -47,10 +47,12 @@ from pipeline.convert import output_root
 log = logging.getLogger("jobs.pipeline")
 
 # Flags that say where or how a run happens, not what it trains: the same run under any of them.
-# They are those mltr train resumes a run under and mltr tune restarts a sweep under; not --epochs
-# (a run of more epochs follows another schedule), --init-from (the start of a new run) or --data
-# (in the name as the dataset's fingerprint).
-RUN_PLACE_FLAGS = (train_job.RESUME_FREE - {"epochs", "init_from", "data"}) | tune_job.RESTART_FREE
+# For a run, those mltr train resumes it under, but --epochs (a run of more epochs follows another
+# schedule), --init-from (the start of a new run) and --data (in the name as the dataset's
+# fingerprint); for a sweep, those mltr tune restarts it under (any other change would be refused
+# there, so it names another sweep).
+RUN_PLACE_FLAGS = train_job.RESUME_FREE - {"epochs", "init_from", "data"}
+SWEEP_PLACE_FLAGS = frozenset(tune_job.RESTART_FREE)
 # Conversion flags that change the images a run trains on (the fingerprint is of the annotations).
 IMAGE_FLAGS = ("max_side", "quality")
 
@@ -112,9 +114,11 @@ def parse(argv: list[str] | None) -> PipelineConfig:
 
 def flags_digest(config: PipelineConfig) -> str:
     """What the training (or sweep) flags and the image settings say to train, as a short digest
-    (see RUN_PLACE_FLAGS)."""
-    flags = {**to_dict(config.train), **(to_dict(config.sweep) if config.pipeline.sweep else {})}
-    kept = {k: v for k, v in sorted(flags.items()) if k not in RUN_PLACE_FLAGS and k != "data"}
+    (see RUN_PLACE_FLAGS and SWEEP_PLACE_FLAGS)."""
+    sweep = config.pipeline.sweep
+    flags = {**to_dict(config.train), **(to_dict(config.sweep) if sweep else {})}
+    place = SWEEP_PLACE_FLAGS if sweep else RUN_PLACE_FLAGS
+    kept = {k: v for k, v in sorted(flags.items()) if k not in place and k != "data"}
     kept |= {k: getattr(config.conversion, k) for k in IMAGE_FLAGS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

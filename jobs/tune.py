@@ -341,7 +341,10 @@ def _close_children(client: MlflowClient, records: list[TrialRecord]) -> None:
 
 
 # Flags that may differ when a sweep of the same name is run again: where it runs, not what it is.
-RESTART_FREE = {"address", "mlflow_uri", "max_concurrent_trials", "max_failures", "oversubscribe", "name"}
+RESTART_FREE = {
+    "address", "mlflow_uri", "max_concurrent_trials", "max_failures", "oversubscribe", "name",
+    "wait_for_resources",
+}  # fmt: skip
 
 
 PATH_FLAGS = ("data", "workdir", "storage", "init_from")  # compared as absolute paths when local

@@ -123,6 +123,11 @@ def test_pipeline_run_name_changes_with_what_is_trained_not_where():
         )
         == digest
     )  # where the run happens, as mltr train resumes it
+    sweep = pipeline.flags_digest(pipeline.parse(base + ["--sweep"]))
+    # A sweep of the same name is restarted by mltr tune under these only; others name another sweep.
+    assert pipeline.flags_digest(pipeline.parse(base + ["--sweep", "--wait-for-resources", "600"])) == sweep
+    assert pipeline.flags_digest(pipeline.parse(base + ["--sweep", "--max-concurrent-trials", "2"])) == sweep
+    assert pipeline.flags_digest(pipeline.parse(base + ["--sweep", "--decode-actors", "3"])) != sweep
     assert pipeline.flags_digest(pipeline.parse(base + ["--max-side", "256"])) != digest  # other images
     assert pipeline.flags_digest(pipeline.parse(base + ["--quality", "50"])) != digest
 
