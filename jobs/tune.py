@@ -393,6 +393,31 @@ def _open_parent(client: MlflowClient, experiment_id: str, name: str, config: Sw
     return run.info.run_id
 
 
+CONCURRENCY_TAG = "mltr.max_concurrent_trials"
+
+
+def _trials_at_once(client: MlflowClient, parent_run_id: str, name: str, wanted: int, restoring: bool) -> int:
+    """Trials at once for this attempt. Ray Tune restores a sweep with the TuneConfig it started
+    with, so a restart keeps the first attempt's figure (recorded on the parent run): a different
+    --max-concurrent-trials, or a cluster that now holds more or fewer trials, is reported, not
+    silently ignored."""
+    if not restoring:
+        client.set_tag(parent_run_id, CONCURRENCY_TAG, str(wanted))
+        return wanted
+    started = client.get_run(parent_run_id).data.tags.get(CONCURRENCY_TAG)
+    if started is None:  # recorded by no earlier attempt: nothing to compare
+        return wanted
+    if int(started) != wanted:
+        log.warning(
+            "sweep %s resumes with the %s trials at once it started with (Ray Tune restores a sweep's "
+            "TuneConfig), not %d: to run another number at once, start a new --name",
+            name,
+            started,
+            wanted,
+        )
+    return int(started)
+
+
 def _log_results(
     client: MlflowClient, parent_run_id: str, records: list[TrialRecord], best: TrialRecord | None
 ) -> None:
@@ -484,6 +509,8 @@ def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> di
         max_concurrent = concurrency(
             config, train, wait_for_resources(bundles, train.scaling.wait_for_resources)
         )
+        restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+        max_concurrent = _trials_at_once(client, parent_run_id, name, max_concurrent, restoring)
         log.info(
             "sweep %s: MLflow parent run %s in %s, up to %d trials at once",
             name,
@@ -491,7 +518,7 @@ def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> di
             resolved.mlflow_uri,
             max_concurrent,
         )
-        if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+        if restoring:
             log.info(
                 "sweep %s: resuming it from %s (finished trials are not run again)", name, experiment_path
             )

@@ -250,3 +250,18 @@ def test_a_sweep_with_trials_to_resume_but_no_parent_run_here_is_refused(tmp_pat
         ConfigError, match="sweep 'grid' has its trials' state in /runs/grid but no MLflow parent"
     ):
         tune.check_restorable(client, elsewhere, "grid", True, "/runs/grid", "experiment 'other'")
+
+
+def test_a_restarted_sweep_runs_as_many_trials_at_once_as_it_started_with_and_says_so(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("mltr"), tags={tune.SWEEP_TAG: "grid"}).info.run_id
+    assert tune._trials_at_once(client, parent, "grid", 2, restoring=False) == 2  # the first attempt
+    with caplog.at_level("WARNING", logger=tune.log.name):
+        assert tune._trials_at_once(client, parent, "grid", 2, restoring=True) == 2
+        assert not [r for r in caplog.records if r.name == tune.log.name]
+        # Ray Tune restores the TuneConfig the sweep started with: a new figure is not used, and
+        # the user is told which one is.
+        assert tune._trials_at_once(client, parent, "grid", 3, restoring=True) == 2
+    assert "resumes with the 2 trials at once it started with" in caplog.text and "not 3" in caplog.text
