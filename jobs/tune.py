@@ -130,12 +130,30 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         name=f"{ctx.sweep_name}-{trial_id}",  # deterministic: a restarted trial resumes its checkpoint
         storage=ctx.storage,
     )
+    finished = _finished_run(ctx.resolved.mlflow_uri, config.run.experiment, config.run.name)
+    if finished is not None:  # trained and logged before the sweep was interrupted: nothing to redo
+        log.info(
+            "trial %s: its run %s finished before the sweep stopped; not trained again", trial_id, finished
+        )
+        return
     model = config.model.resolve(ctx.resolved.manifest.num_classes)
     resolved = dataclasses.replace(ctx.resolved, config=config, model=model)
     train_run, client = train_job.start(resolved, parent_run_id=ctx.parent_run_id, tags={TRIAL_TAG: trial_id})
     with tracking.run_outcome(client, train_run.mlflow_run_id):
         trainer = build_trainer(train_run, callbacks=[TuneReportCallback()])
         train_job.report(resolved, train_run, client, fit(trainer))
+
+
+def _finished_run(mlflow_uri: str, experiment: str, train_name: str) -> str | None:
+    """The MLflow run of the trial's Train run when it already finished and logged its model. A
+    sweep interrupted after a trial's run closed but before Tune recorded the trial's end restores
+    that trial; training it again would be refused (its run finished its epochs) and fail it."""
+    client = MlflowClient(mlflow_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = tracking.runs_tagged(client, [found.experiment_id], tracking.NAME_TAG, train_name) if found else []
+    if runs and runs[0].info.status == "FINISHED" and runs[0].data.tags.get("mltr.model_uri"):
+        return runs[0].info.run_id
+    return None
 
 
 class LastEpochASHA(ASHAScheduler):

@@ -265,3 +265,41 @@ def test_a_restarted_sweep_runs_as_many_trials_at_once_as_it_started_with_and_sa
         # the user is told which one is.
         assert tune._trials_at_once(client, parent, "grid", 3, restoring=True) == 2
     assert "resumes with the 2 trials at once it started with" in caplog.text and "not 3" in caplog.text
+
+
+def test_a_restored_trial_whose_run_already_finished_is_not_trained_again(tmp_path, monkeypatch):
+    import types
+
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+
+    from jobs import train as train_job
+    from jobs._config import from_flat
+    from mltr.tracking import NAME_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("mltr")
+    config = from_flat(train_job.TrainConfig, {"data": str(tmp_path / "ds"), "experiment": "mltr"})
+    resolved = train_job.Resolved(config, types.SimpleNamespace(num_classes=80), None, None, 0.0, uri)
+    ctx = tune.TrialContext(resolved, "grid", "parent", str(tmp_path))
+    monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t1"))
+
+    class Trained(Exception):
+        pass
+
+    def start(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(train_job, "start", start)
+    params = {"window_size": 4, "loss": "asl", "lr": 1e-3}
+    run = client.create_run(experiment, tags={NAME_TAG: "grid-t1"}).info.run_id
+    with pytest.raises(Trained):  # its run is still open: the trial trains (resumes)
+        tune.run_trial(params, ctx)
+    client.set_tag(run, "mltr.model_uri", "models:/m-1")
+    client.set_terminated(run, "FINISHED")
+    assert tune.run_trial(params, ctx) is None  # closed with its model before the Ctrl-C: done
+    client.create_run(experiment, tags={NAME_TAG: "grid-t2"})
+    monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t2"))
+    with pytest.raises(Trained):  # another trial's finished run is not this one's
+        tune.run_trial(params, ctx)
