@@ -10,7 +10,9 @@ this shell (``AWS_*``, ``MLFLOW_*``; see ``FORWARDED_ENV``, and ``--env NAME`` f
 job as environment variables of its runtime env: never on its command line nor in a file of the
 upload. The runtime env is part of the job's record, though: whoever can list the cluster's jobs
 (``ray job list``, the Jobs API) reads those values; on a shared cluster give its nodes their
-own credentials (an instance role, a Kubernetes secret) and forward none. Ray's token
+own credentials (an instance role, a Kubernetes secret) and forward none (``--no-forward-env``:
+only ``--env`` names go). ``AWS_PROFILE`` names a profile of this machine's ``~/.aws`` files and
+goes only with ``--env AWS_PROFILE``. Ray's token
 authentication works through Ray's own settings (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
 
 With ``--wait`` (default) the job's logs stream here and this command exits with the job's
@@ -40,7 +42,7 @@ STAGES = (
 # Settings the job reads from its environment, taken from this shell where set.
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_REGISTRY_URI",
 )  # fmt: skip
@@ -104,6 +106,13 @@ def parse(argv: list[str]) -> Submission:
         metavar="NAME",
         help="forward this environment variable too (repeatable); its value is read from this shell",
     )
+    parser.add_argument(
+        "--forward-env",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send this shell's object-store and MLflow settings (AWS_*, MLFLOW_*) with the job "
+        "(default); --no-forward-env sends only the --env names, for nodes with their own",
+    )
     parser.add_argument("--submission-id", default=None, help="the job's id (default: Ray's)")
     parser.add_argument(
         "--python", default="python", help="the cluster's Python that runs the stage (default: python)"
@@ -114,7 +123,7 @@ def parse(argv: list[str]) -> Submission:
     else:
         own, stage_args = argv, []
     args = parser.parse_args(own)
-    names = [*FORWARDED_ENV, *args.env]
+    names = [*(FORWARDED_ENV if args.forward_env else ()), *args.env]
     forwarded = {name: os.environ[name] for name in names if name in os.environ}
     missing = [name for name in args.env if name not in os.environ]
     if missing:
@@ -183,7 +192,42 @@ def exit_status(info) -> int:
     return 1
 
 
+URL_SETTINGS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_REGISTRY_URI",
+)  # fmt: skip
+
+
+def _loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url if "://" in url else f"//{url}").hostname or ""
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
+
+
+def loopback_settings(forwarded: dict[str, str], server: str) -> list[str]:
+    """Forwarded settings that point at this machine's loopback while the job server is elsewhere:
+    the job would reach its own node's loopback, not this machine's services. (Behind a
+    port-forward the server looks local too: then nothing can be told.)"""
+    if _loopback(server):
+        return []
+    return [name for name in URL_SETTINGS if name in forwarded and _loopback(forwarded[name])]
+
+
 def run(submission: Submission) -> tuple[int, dict]:
+    server = job_server(submission.address)
+    for name in loopback_settings(submission.forwarded, server):
+        print(
+            f"submit: warning: {name}={submission.forwarded[name]} is this machine's loopback; the job "
+            f"on {server} reaches its own node's instead (export an address the cluster reaches, "
+            f"or --no-forward-env when the nodes have their own settings)",
+            file=sys.stderr,
+            flush=True,
+        )
     client = client_for(submission.address)
     try:
         job_id = client.submit_job(

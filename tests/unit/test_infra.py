@@ -857,11 +857,14 @@ def test_version_check_refuses_a_broken_copy(case, tmp_path):
 
 # --- No credential written in infra/ ------------------------------------------------------------
 
-# NAME: value or NAME=value of an upper-case credential variable; the value may only be empty or
-# a reference ($VAR, ${VAR}, "$(command)"). infra/.env is the user's own, never committed.
+# NAME: value or NAME=value of a credential variable or setting, of either case (MLflow's auth ini
+# has admin_password); the value may only be empty or a reference ($VAR, ${VAR}, "$(command)").
+# A URI's user:password@ likewise. infra/.env is the user's own, never committed.
 CREDENTIAL_ASSIGNMENT = re.compile(
-    r"\b([A-Z][A-Z0-9_]*(?:SECRET|PASSWORD|TOKEN|ACCESS_KEY)[A-Z0-9_]*)[\"']?[ \t]*[:=][ \t]*([^\s#,]*)"
+    r"(?<![/.~])\b([A-Z][A-Z0-9_]*(?:SECRET|PASSWORD|TOKEN|ACCESS_KEY)[A-Z0-9_]*)[\"']?[ \t]*[:=][ \t]*([^\s#,]*)",
+    re.IGNORECASE,
 )
+URI_CREDENTIAL = re.compile(r"(://[^/\s:@]+):([^@\s/]+)@")
 
 
 def literal_credentials(infra: Path) -> list[str]:
@@ -869,7 +872,8 @@ def literal_credentials(infra: Path) -> list[str]:
     for path in sorted(p for p in infra.rglob("*") if p.is_file() and p.name != ".env"):
         text = path.read_text()
         for number, line in enumerate(text.splitlines(), 1):
-            for name, value in CREDENTIAL_ASSIGNMENT.findall(line):
+            pairs = CREDENTIAL_ASSIGNMENT.findall(line) + URI_CREDENTIAL.findall(line)
+            for name, value in pairs:
                 if value and not re.match(r"""["']?\$""", value):
                     found.append(f"{path.relative_to(infra)}:{number}: {name} = {value}")
         if path.suffix in (".yaml", ".yml"):
@@ -903,6 +907,18 @@ CREDENTIAL_BREAKS = {
         '--from-literal=AWS_SECRET_ACCESS_KEY="$MLTR_S3_SECRET_KEY"',
         "--from-literal=AWS_SECRET_ACCESS_KEY=s3cr3t",
         "README.md",
+    ),
+    "auth-ini-admin-password": (
+        "mlflow-auth.ini",
+        "database_uri =",
+        "admin_password = hunter2\ndatabase_uri =",
+        "admin_password = hunter2",
+    ),
+    "password-in-a-uri": (
+        "compose.yaml",
+        "$${POSTGRES_USER}:$${POSTGRES_PASSWORD}@postgres",
+        "mlflow:s3cr3tpw@postgres",
+        "://mlflow = s3cr3tpw",
     ),
     "secret-manifest": (
         "kuberay/raycluster.yaml",

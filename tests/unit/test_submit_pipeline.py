@@ -48,6 +48,33 @@ def test_submit_runs_the_stage_with_its_own_flags_and_forwards_settings_only_thr
     assert submit.parse(["make-synthetic"]).entrypoint == "python -m jobs.make_synthetic"
 
 
+def test_submit_forwards_only_the_named_settings_with_no_forward_env_and_never_a_profile(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "mine")
+    monkeypatch.setenv("AWS_PROFILE", "my-sso")  # a profile of this machine's ~/.aws files
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert "AWS_PROFILE" not in submit.parse(["train"]).forwarded
+    assert submit.parse(["train", "--env", "AWS_PROFILE"]).forwarded["AWS_PROFILE"] == "my-sso"
+    job = submit.parse(["train", "--no-forward-env", "--env", "MLFLOW_TRACKING_URI"])
+    assert job.runtime_env()["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert submit.parse(["train", "--no-forward-env"]).runtime_env()["env_vars"] == {}
+
+
+def test_a_loopback_setting_sent_to_a_cluster_elsewhere_is_named():
+    here = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "MLFLOW_TRACKING_URI": "http://localhost:5000",
+            "MLFLOW_S3_ENDPOINT_URL": "http://minio.internal:9000", "AWS_SECRET_ACCESS_KEY": "127.0.0.1"}  # fmt: skip
+    assert submit.loopback_settings(here, "http://head:8265") == ["AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"]
+    assert submit.loopback_settings(here, "http://10.0.0.5:8265") == [
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_TRACKING_URI",
+    ]
+    assert (
+        submit.loopback_settings(here, "http://127.0.0.1:8265") == []
+    )  # the same machine, or a port-forward
+    assert submit.loopback_settings({"AWS_ENDPOINT_URL": "http://[::1]:9000"}, "http://head:8265") == [
+        "AWS_ENDPOINT_URL"
+    ]
+
+
 def test_submit_refuses_an_unknown_stage_and_an_unset_variable(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         submit.parse(["demo"])
