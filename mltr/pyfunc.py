@@ -1,7 +1,7 @@
 """The registered model: an MLflow pyfunc around :class:`mltr.serving.Predictor`.
 
-A DataFrame with ``image`` (encoded JPEG or PNG bytes; base64 strings over JSON, decoded by MLflow
-through the signature's ``binary`` type) or ``path`` in; ``labels``, ``scores`` (class order: the
+A DataFrame with ``image`` (encoded JPEG or PNG bytes; base64 strings over JSON, decoded row by
+row, so one bad string is one row's error) or ``path`` in; ``labels``, ``scores`` (class order: the
 metadata's ``classes``) and ``error`` out, one row per input row. Logged with its classes,
 thresholds, input contract, variant and dataset fingerprint in its metadata, a signature and an
 input example; loading it needs the mltr package installed. It is logged "from code": the model
@@ -56,11 +56,15 @@ class MlTrPyfunc(mlflow.pyfunc.PythonModel):
         paths, data = _column(model_input, PATH_COLUMN), _column(model_input, IMAGE_COLUMN)
         names = [f"row {i}" if missing_cell(path) or not path else str(path) for i, path in enumerate(paths)]
         rows = self.predictor.predict_encoded(zip(names, data, paths, strict=True))
-        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        # The input's index (rows line up with the caller's frame); object columns, so a good
+        # row's error is None (JSON null), not pandas' NaN of a string column.
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS), index=model_input.index, dtype=object)
 
 
 def signature():
-    """The pyfunc's signature: ``image`` (binary: base64 over JSON) or ``path`` in; labels, scores, error out."""
+    """The pyfunc's signature: ``image`` or ``path`` in; labels, scores, error out. ``image`` is a
+    ``string`` column: encoded bytes in process, base64 text over JSON, decoded by the model row by
+    row (MLflow decodes a ``binary`` column whole, and refuses the request for one bad row)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
@@ -68,7 +72,7 @@ def signature():
     return ModelSignature(
         inputs=Schema(
             [
-                ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
+                ColSpec(DataType.string, IMAGE_COLUMN, required=False),
                 ColSpec(DataType.string, PATH_COLUMN, required=False),
             ]
         ),

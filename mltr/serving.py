@@ -14,8 +14,10 @@ An image that cannot be read or decoded is one row's ``error``, never the whole 
     out.loc[0, "labels"], out.loc[0, "scores"]     # ["cat"], [0.01, 0.93, ...] in class order
 
 Over HTTP (``mlflow models serve``) the ``image`` column arrives as base64 strings in
-``{"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}``; the signature's
-``binary`` type makes MLflow decode them.
+``{"dataframe_split": {"columns": ["image"], "data": [["/9j/4AAQ..."]]}}``, decoded here row by
+row (the signature's type is ``string``: MLflow's ``binary`` would decode the whole column first
+and refuse the request for one bad row). A ``path`` is a local file, a ``file://`` or an ``s3://``
+URI; any other scheme is that row's error, so a served model fetches nothing else.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 
 from mltr.errors import ConfigError
 from mltr.images import special_file_kind, to_rgb
+from mltr.metrics import apply_thresholds
 from mltr.model import MlTr, normalize
 from mltr.paths import local_path
 
@@ -46,6 +49,7 @@ IMAGE_COLUMN, PATH_COLUMN = "image", "path"
 # row has neither (None when it has them).
 OUTPUT_COLUMNS = ("labels", "scores", "error")
 MODEL_INFO_FILE = "model_info.json"  # the pyfunc artifact with classes, thresholds and input contract
+URI_SCHEMES = ("file", "s3")  # where a path may point: a served model fetches from nowhere else
 MAX_IMAGE_BYTES = 64 * 2**20  # the most bytes read of one image: a huge file is an error, not an OOM
 # torchvision prefixes "<function>, <source file>:<line>, " to the decoder's message.
 TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
@@ -94,11 +98,15 @@ class ModelInfo:
 
 
 def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of an image at a local path, ``file://`` or any fsspec URI (``s3://``)."""
+    """The bytes of an image at a local path, a ``file://`` or an ``s3://`` URI; an
+    :class:`ImageError` naming it for anything that stops the read (another scheme included)."""
     import fsspec
 
     target = source
-    if "://" not in source or source.startswith("file://"):
+    scheme = source.split("://", 1)[0].lower() if "://" in source else "file"
+    if scheme not in URI_SCHEMES:
+        raise ImageError(f"{source}: not a local path, file:// or s3:// URI")
+    if scheme == "file":
         try:
             target = local_path(source)  # file:///data/my%20set/a.jpg is /data/my set/a.jpg
         except ConfigError as exc:
@@ -120,6 +128,8 @@ def read_image_bytes(source: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         raise ImageError(f"{source}: is a folder, not an image") from None
     except OSError as exc:
         raise ImageError(f"{source}: cannot be read: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the store's own errors (no credentials, a bad bucket name)
+        raise ImageError(f"{source}: cannot be read: {type(exc).__name__}: {exc}") from None
     if len(data) > max_bytes:
         raise ImageError(f"{source}: larger than {max_bytes} bytes")
     return data
@@ -160,8 +170,8 @@ def decode_image(data: bytes | bytearray | memoryview | str, name: str = "image"
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if isinstance(data, str):
-        try:
-            data = base64.b64decode(data, validate=True)
+        try:  # whitespace dropped: MIME base64 (MLflow's own encoder) breaks lines every 76 characters
+            data = base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
             raise ImageError(f"{name}: a string that is not base64-encoded image bytes") from None
     raw = bytes(data)
@@ -275,9 +285,12 @@ class Predictor:
         ]
         return np.concatenate(out) if out else np.zeros((0, len(self.info.classes)), dtype=np.float32)
 
-    def labels(self, scores: np.ndarray) -> list[list[str]]:
-        """The classes at or above their calibrated thresholds, per row."""
-        return [[self.info.classes[i] for i in np.flatnonzero(row >= self.thresholds)] for row in scores]
+    def labels(self, logits: np.ndarray) -> list[list[str]]:
+        """The classes whose score is at or above their calibrated thresholds, per row of logits:
+        compared as training's metrics compare (logit >= logit(threshold), in float64), so a
+        served label is the one calibration counted, saturated sigmoids included."""
+        chosen = apply_thresholds(logits, self.thresholds).numpy()
+        return [[self.info.classes[i] for i in np.flatnonzero(row)] for row in chosen]
 
     def decode(
         self, items: Iterable[tuple[str, bytes | str | None, str | None]]
@@ -294,8 +307,9 @@ class Predictor:
         good = [i for i, error in enumerate(errors) if error is None]
         rows: list[dict[str, Any]] = [{"labels": [], "scores": [], "error": error} for error in errors]
         if good:
-            scores = 1.0 / (1.0 + np.exp(-self.logits(pixels[good]).astype(np.float64)))
-            for i, row_scores, row_labels in zip(good, scores, self.labels(scores), strict=True):
+            logits = self.logits(pixels[good]).astype(np.float64)
+            scores = 1.0 / (1.0 + np.exp(-logits))
+            for i, row_scores, row_labels in zip(good, scores, self.labels(logits), strict=True):
                 rows[i] = {"labels": row_labels, "scores": [float(v) for v in row_scores], "error": None}
         return rows
 

@@ -222,3 +222,63 @@ def test_file_uris_are_read_as_the_paths_they_encode(logged, tmp_path):
     errors = out["error"].tolist()
     assert pd.isna(errors[0]) and pd.isna(errors[1]) and out["scores"][0] == pytest.approx(out["scores"][1])
     assert "not one on host 'elsewhere'" in errors[2]  # that row's error, not the whole batch's
+
+
+def test_over_http_one_bad_row_is_that_rows_error_and_the_output_lines_up_with_the_input(logged, tmp_path):
+    """What `mlflow models serve` runs for each request (its scoring server's `invocations`), on
+    the JSON a plain HTTP client posts: base64 text, a MIME-wrapped one (MLflow's own encoder
+    breaks lines), a bad one, and a row with a path instead of an image."""
+    import json
+
+    from mlflow.pyfunc.scoring_server import invocations
+
+    good = encoded(40, 30, "JPEG", 8)
+    (tmp_path / "good.jpg").write_bytes(good)
+    text = base64.b64encode(good).decode()
+    rows = [
+        [text, None],
+        [base64.encodebytes(good).decode(), None],
+        ["abc", None],
+        [None, str(tmp_path / "good.jpg")],
+    ]
+    body = json.dumps({"dataframe_split": {"columns": ["image", "path"], "data": rows}})
+    response = invocations(body, "application/json", logged, logged.metadata.get_input_schema())
+    assert response.status == 200, response.response
+    answers = json.loads(response.response)["predictions"]  # strict JSON: a good row's error is null
+    assert [a["error"] for a in answers] == [
+        None, None, "row 2: a string that is not base64-encoded image bytes", None,
+    ]  # fmt: skip
+    assert (
+        answers[0]["scores"] == answers[1]["scores"] == answers[3]["scores"]
+        and len(answers[0]["scores"]) == 3
+    )
+    assert answers[2]["labels"] == [] and answers[2]["scores"] == []
+
+    # In process: the caller's index is kept (a filtered frame lines up), errors are None or text.
+    out = logged.predict(pd.DataFrame({"image": [good, b"junk"]}, index=[7, 9]))
+    assert list(out.index) == [7, 9] and out.loc[7, "error"] is None
+    assert out.loc[9, "error"].startswith("row 1: not a decodable JPEG or PNG image")
+
+
+def test_a_path_is_read_from_a_file_or_s3_only_and_a_failing_read_is_that_rows_error(logged, tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encoded(30, 30, "JPEG", 9))
+    paths = [str(good), "http://127.0.0.1:1/a.jpg", "gs://bucket/a.jpg", "s3://just-a-bucket"]
+    errors = logged.predict(pd.DataFrame({"path": paths}))["error"].tolist()
+    assert errors[0] is None
+    assert errors[1] == "http://127.0.0.1:1/a.jpg: not a local path, file:// or s3:// URI"  # never fetched
+    assert errors[2] == "gs://bucket/a.jpg: not a local path, file:// or s3:// URI"
+    assert errors[3].startswith("s3://just-a-bucket: cannot be read: ValueError")  # s3fs's own error
+
+
+def test_labels_are_chosen_in_logits_as_calibration_counted_them(network):
+    from mltr.metrics import apply_thresholds
+
+    # Near saturation sigmoid(x) >= t and x >= logit(t) part: a probability of 1 - 1.4e-13 is
+    # rounded up past a threshold its logit is below.
+    threshold = 0.9999999999998581
+    predictor = Predictor(network, ModelInfo(CLASSES, (threshold, 0.5, 0.5), network.config.input_contract()))
+    logits = np.array([[29.583, 0.0, -0.1]])
+    assert 1 / (1 + np.exp(-logits[0, 0])) >= threshold  # what comparing probabilities said
+    assert not apply_thresholds(logits, predictor.thresholds)[0, 0]  # what the metrics count
+    assert predictor.labels(logits) == [["dog"]]
