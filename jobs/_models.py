@@ -47,11 +47,12 @@ class TrackingArgs:
 
 
 def load_predictor(
-    model: str, client: MlflowClient | None, classes: tuple[str, ...] | None = None, batch_size: int = 32
+    model: str, client: MlflowClient | None, data: CheckpointData | None = None, batch_size: int = 32
 ) -> Predictor:
     """A registered or logged model (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/ID/model``) or
-    a training checkpoint folder (local or ``s3://``; its classes are the dataset's). ``client``
-    says where a model URI is registered; a checkpoint folder needs none."""
+    a training checkpoint folder (local or ``s3://``; its classes and stored-image settings are
+    the dataset's, ``data``). ``client`` says where a model URI is registered; a checkpoint
+    folder needs none."""
     if model.startswith(MODEL_URI_SCHEMES):
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
@@ -70,15 +71,15 @@ def load_predictor(
         predictor.batch_size = batch_size
         return predictor
     location = checkpoint_location(model)
-    if classes is None:
+    if data is None:
         raise ConfigError(f"{model}: a checkpoint folder needs --data for its classes")
     if location.scheme != "s3":
-        return Predictor.from_checkpoint(location.path, classes, batch_size=batch_size)
+        return Predictor.from_checkpoint(location.path, data.classes, data.stored, batch_size=batch_size)
     import pyarrow.fs as pafs
 
     with tempfile.TemporaryDirectory() as tmp:
         pafs.copy_files(location.path, tmp, source_filesystem=location.fs)
-        return Predictor.from_checkpoint(tmp, classes, batch_size=batch_size)
+        return Predictor.from_checkpoint(tmp, data.classes, data.stored, batch_size=batch_size)
 
 
 def checkpoint_location(model: str):
@@ -93,9 +94,23 @@ def checkpoint_location(model: str):
     return location
 
 
-def checkpoint_classes(model: str, dataset: str | None, flag: str) -> tuple[str, ...] | None:
-    """The classes a checkpoint folder predicts: the dataset's (``flag`` names where the job takes
-    it); ``None`` for a model URI, which carries its own."""
+@dataclass(frozen=True)
+class CheckpointData:
+    """What a training checkpoint folder takes from its dataset (a logged model carries both):
+    the classes it predicts, and how the dataset's images were stored (the input contract's
+    ``stored``)."""
+
+    classes: tuple[str, ...]
+    stored: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> CheckpointData:
+        return cls(tuple(manifest.classes), manifest.stored_images())
+
+
+def checkpoint_data(model: str, dataset: str | None, flag: str) -> CheckpointData | None:
+    """What a checkpoint folder needs from the dataset (``flag`` names where the job takes it);
+    ``None`` for a model URI, which carries its own."""
     if model.startswith(MODEL_URI_SCHEMES):
         return None
     checkpoint_location(model)  # a missing folder is named as such, not as a missing flag
@@ -103,7 +118,7 @@ def checkpoint_classes(model: str, dataset: str | None, flag: str) -> tuple[str,
         raise ConfigError(f"{model}: a checkpoint folder needs {flag} DATASET for its classes")
     from pipeline.dataset import load_manifest
 
-    return tuple(load_manifest(dataset).classes)
+    return CheckpointData.of(load_manifest(dataset))
 
 
 def check_classes(predictor: Predictor, manifest: Manifest, model: str) -> None:

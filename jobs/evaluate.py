@@ -16,7 +16,14 @@ import sys
 from dataclasses import dataclass
 
 from jobs._config import component, opt, parse_config
-from jobs._models import MODEL_URI_SCHEMES, TrackingArgs, check_classes, load_predictor, score_split
+from jobs._models import (
+    MODEL_URI_SCHEMES,
+    CheckpointData,
+    TrackingArgs,
+    check_classes,
+    load_predictor,
+    score_split,
+)
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError
 from mltr.metrics import MetricAccumulator
@@ -94,7 +101,7 @@ def run(config: EvaluateConfig) -> dict:
     # An alias is resolved once, before scoring: the figures go on the version that was scored,
     # even if a promotion moves the alias meanwhile.
     source = f"models:/{version.name}/{version.version}" if version is not None else config.model
-    predictor = load_predictor(source, client, tuple(manifest.classes), config.batch_size)
+    predictor = load_predictor(source, client, CheckpointData.of(manifest), config.batch_size)
     check_classes(predictor, manifest, config.model)
     if config.split == "train":
         log.warning(

@@ -29,7 +29,7 @@ from jobs._models import (
     MODEL_URI_SCHEMES,
     TrackingArgs,
     check_class_names,
-    checkpoint_classes,
+    checkpoint_data,
     load_predictor,
 )
 from jobs._runtime import run_job, setup_logging
@@ -122,9 +122,9 @@ def run(config: ExportConfig) -> dict:
         raise ConfigError(f"ONNX export needs the export extra: pip install 'mltr[export]' ({exc})") from None
     import torch
 
-    classes = checkpoint_classes(config.model, config.data, "--data")
+    data = checkpoint_data(config.model, config.data, "--data")
     client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
-    predictor = load_predictor(config.model, client, classes)
+    predictor = load_predictor(config.model, client, data)
     predictor.model.to("cpu")
     predictor.device = torch.device("cpu")
     images = check_images(config, predictor.info.classes)

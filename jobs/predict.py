@@ -36,9 +36,10 @@ import numpy as np
 from jobs._config import component, opt, parse_config
 from jobs._models import (
     MODEL_URI_SCHEMES,
+    CheckpointData,
     TrackingArgs,
     check_class_names,
-    checkpoint_classes,
+    checkpoint_data,
     load_predictor,
 )
 from jobs._runtime import init_ray, run_job, setup_logging
@@ -206,7 +207,7 @@ class PredictActor:
         self,
         model: str,
         tracking_uri: str | None,
-        classes: tuple[str, ...] | None,
+        checkpoint: CheckpointData | None,
         batch_size: int,
         torch_threads: int | None = None,
     ):
@@ -219,7 +220,7 @@ class PredictActor:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(tracking_uri)
-        self.predictor = load_predictor(model, client, classes, batch_size)
+        self.predictor = load_predictor(model, client, checkpoint, batch_size)
 
     def __call__(self, batch: dict) -> Any:
         import pyarrow as pa
@@ -277,7 +278,7 @@ def batch_inference(
     model: str,
     info,
     tracking_uri: str | None,
-    classes,
+    checkpoint: CheckpointData | None,
     batch_size: int,
     actors: int,
     torch_threads: int | None = None,
@@ -308,7 +309,7 @@ def batch_inference(
         fn_constructor_kwargs={
             "model": model,
             "tracking_uri": tracking_uri,
-            "classes": classes,
+            "checkpoint": checkpoint,
             "batch_size": batch_size,
             "torch_threads": torch_threads or layout["torch_threads"],
         },
@@ -336,7 +337,7 @@ def in_input_order(dataset):
 def predict_ray(
     config: PredictConfig,
     info,
-    classes: tuple[str, ...] | None,
+    checkpoint: CheckpointData | None,
     tracking_uri: str | None,
     manifest: Manifest | None = None,
 ) -> dict:
@@ -362,7 +363,7 @@ def predict_ray(
         config.model,
         info,
         tracking_uri,
-        classes,
+        checkpoint,
         config.batch_size,
         config.actors,
         decode=config.decode,
@@ -406,9 +407,9 @@ def run(config: PredictConfig) -> dict:
         )
     out_path(config.out)  # a bad --out is refused before the model loads
     client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
-    classes = checkpoint_classes(config.model, config.classes_from or config.data, "--classes-from")
+    checkpoint = checkpoint_data(config.model, config.classes_from or config.data, "--classes-from")
     tracking_uri = client.tracking_uri if client else None
-    predictor = load_predictor(config.model, client, classes, config.batch_size)
+    predictor = load_predictor(config.model, client, checkpoint, config.batch_size)
     manifest = None
     if config.data:  # the model must predict the dataset's classes: checked before Ray starts
         from pipeline.dataset import load_manifest
@@ -416,7 +417,7 @@ def run(config: PredictConfig) -> dict:
         manifest = load_manifest(config.data)
         check_class_names(predictor.info.classes, manifest, config.model)
     if config.data or config.parquet_out:
-        return predict_ray(config, predictor.info, classes, tracking_uri, manifest)
+        return predict_ray(config, predictor.info, checkpoint, tracking_uri, manifest)
     paths = list(expand_inputs(config.inputs))
     with json_lines(config.out) as out:
         summary = predict_files(predictor, paths, out, config.batch_size)

@@ -384,6 +384,7 @@ def report(resolved: Resolved, run: TrainRun, client: MlflowClient, result) -> d
             list(resolved.manifest.classes),
             variant=resolved.config.model.variant,
             dataset_fingerprint=resolved.manifest.fingerprint,
+            stored_images=resolved.manifest.stored_images(),
         )
     metrics = result.metrics or {}
     storage = "s3://" if run.storage_filesystem is not None else ""

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from mltr.errors import ConfigError
-from mltr.images import special_file_kind, to_rgb
+from mltr.images import as_stored, kept_as_is, special_file_kind, to_rgb
 from mltr.metrics import apply_thresholds
 from mltr.model import MlTr, normalize
 from mltr.paths import local_path
@@ -158,12 +158,18 @@ def open_image(raw: bytes, name: str) -> Any:
     return img
 
 
-def decode_image(data: bytes | bytearray | memoryview | str, name: str = "image") -> torch.Tensor:
+def decode_image(
+    data: bytes | bytearray | memoryview | str, name: str = "image", stored: dict[str, Any] | None = None
+) -> torch.Tensor:
     """Encoded image bytes (base64 text too) -> RGB uint8 (3, H, W); an :class:`ImageError` naming ``name``.
 
-    JPEGs are decoded as training and validation decode the stored JPEGs (torchvision's
-    libjpeg-turbo); any other format (PNG, GIF, WebP, ...) as the converter reads it before
-    storing it (Pillow, then :func:`to_rgb`). The header is read first: an image over the
+    With ``stored`` (the input contract's ``{"max_side", "quality"}``: how the training data's
+    images were stored), the image is first made what the converter would have stored
+    (:func:`mltr.images.as_stored`: an RGB JPEG within ``max_side`` is kept, anything else is
+    made RGB, downscaled and re-encoded), then decoded as validation decodes stored JPEGs
+    (torchvision's libjpeg-turbo): the pixels validation would have seen. Without it, JPEGs
+    are decoded as they are and any other format (PNG, GIF, WebP, ...) as the converter reads
+    it (Pillow, then :func:`to_rgb`). The header is read first: an image over the
     decompression-bomb limit is an error before its pixels are allocated.
     """
     from PIL import Image
@@ -178,6 +184,15 @@ def decode_image(data: bytes | bytearray | memoryview | str, name: str = "image"
     if not raw:
         raise ImageError(f"{name}: empty")
     img = open_image(raw, name)
+    if stored is not None and not kept_as_is(img, int(stored["max_side"])):
+        try:
+            img.load()
+            raw, _, _ = as_stored(img, raw, int(stored["max_side"]), int(stored["quality"]))
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            raise ImageError(
+                f"{name}: not a decodable JPEG or PNG image: {exc or type(exc).__name__}"
+            ) from None
+        img = open_image(raw, name)
     if img.format == "JPEG":
         try:
             image = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -233,7 +248,7 @@ def decode_rows(
                 if not isinstance(path, str) or not path:  # None, NaN, pd.NA or ""
                     raise ImageError(f"{name}: neither image bytes nor a path")
                 data = read_image_bytes(path)
-            pixels.append(resize_image(decode_image(data, name), contract).numpy())
+            pixels.append(resize_image(decode_image(data, name, contract.get("stored")), contract).numpy())
             errors.append(None)
         except ImageError as exc:
             pixels.append(np.zeros((3, size, size), dtype=np.uint8))
@@ -256,8 +271,11 @@ class Predictor:
         self.thresholds = np.asarray(info.thresholds, dtype=np.float64)
 
     @classmethod
-    def from_checkpoint(cls, folder: str | os.PathLike, classes: Sequence[str], **kwargs) -> Predictor:
-        """The weights a training checkpoint (a local folder) selected, with its calibrated thresholds."""
+    def from_checkpoint(
+        cls, folder: str | os.PathLike, classes: Sequence[str], stored: dict[str, int] | None = None, **kwargs
+    ) -> Predictor:
+        """The weights a training checkpoint (a local folder) selected, with its calibrated
+        thresholds; ``stored``: how its dataset's images were stored (the contract's ``stored``)."""
         from mltr.checkpoint import STATE_FILE, WEIGHT_FILES, TrainState, load_model
 
         state = TrainState.load(Path(folder) / STATE_FILE)
@@ -265,7 +283,7 @@ class Predictor:
         info = ModelInfo(
             classes=tuple(classes),
             thresholds=tuple(state.selection.thresholds),
-            input=model.config.input_contract(),
+            input=model.config.input_contract() | ({"stored": dict(stored)} if stored else {}),
             extra={"weights": state.selection.weights, "epoch": state.epoch},
         )
         return cls(model, info, **kwargs)

@@ -323,6 +323,7 @@ def log_final_model(
     classes: list[str],
     variant: str | None = None,
     dataset_fingerprint: str | None = None,
+    stored_images: dict[str, int] | None = None,
 ) -> dict:
     """Log a checkpoint's selected weights as the run's MLflow model, with the selection's figures.
 
@@ -377,7 +378,8 @@ def log_final_model(
     info = ModelInfo(
         classes=tuple(classes),
         thresholds=tuple(float(t) for t in chosen.thresholds),
-        input=model.config.input_contract(),
+        # How the training data's images were stored: a served image is made the same first.
+        input=model.config.input_contract() | ({"stored": dict(stored_images)} if stored_images else {}),
         variant=variant,
         dataset_fingerprint=dataset_fingerprint,
         extra={

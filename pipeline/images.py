@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from mltr.errors import ConfigError
-from mltr.images import special_file_kind, to_rgb
+from mltr.images import as_stored, special_file_kind
 
 # Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
 REJECT_REASONS = {
@@ -84,17 +84,6 @@ def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The size after downscaling so the longer side is at most ``max_side`` (never upscales)."""
-    longest = max(width, height)
-    if longest <= max_side:
-        return width, height
-    # Integer arithmetic: the longer side becomes exactly max_side.
-    if width >= height:
-        return max_side, max(1, (height * max_side + width // 2) // width)
-    return max(1, (width * max_side + height // 2) // height), max_side
-
-
 def process_image(data: bytes, settings: ImageSettings) -> tuple[bytes, int, int]:
     """Validate and normalise one encoded image: returns ``(jpeg_bytes, width, height)``.
 
@@ -131,12 +120,4 @@ def process_image(data: bytes, settings: ImageSettings) -> tuple[bytes, int, int
     except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageRejected("corrupt", str(exc) or type(exc).__name__) from None
 
-    target = scaled_size(width, height, settings.max_side)
-    if img.format == "JPEG" and img.mode == "RGB" and target == (width, height):
-        return data, width, height
-    rgb = to_rgb(img)
-    if target != (width, height):
-        rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=settings.quality)
-    return out.getvalue(), rgb.width, rgb.height
+    return as_stored(img, data, settings.max_side, settings.quality)

@@ -90,7 +90,7 @@ def run(config: BenchPredictConfig) -> dict:
     import ray
     import torch
 
-    from jobs._models import load_predictor
+    from jobs._models import CheckpointData, load_predictor
     from jobs._runtime import init_ray
     from jobs.predict import actor_layout, batch_inference
     from mltr import create_model
@@ -120,8 +120,9 @@ def run(config: BenchPredictConfig) -> dict:
 
     torch.manual_seed(0)
     network = create_model(config.variant, num_classes=manifest.num_classes).eval()
-    classes = tuple(manifest.classes)
-    info = ModelInfo(classes, (0.5,) * manifest.num_classes, network.config.input_contract())
+    checkpoint = CheckpointData.of(manifest)
+    contract = network.config.input_contract() | {"stored": manifest.stored_images()}
+    info = ModelInfo(checkpoint.classes, (0.5,) * manifest.num_classes, contract)
     if config.model_from == "mlflow":
         model_uri, tracking_uri = log_model(network, info, work)
     else:
@@ -145,7 +146,7 @@ def run(config: BenchPredictConfig) -> dict:
         client = MlflowClient(tracking_uri)
     # Timed from the model's load, as Ray Data's figure includes its actors' start and load.
     started, done, decode_s = time.perf_counter(), 0, 0.0
-    predictor = load_predictor(model_uri, client, classes, batch_size=config.batch_size)
+    predictor = load_predictor(model_uri, client, checkpoint, batch_size=config.batch_size)
     load_s = time.perf_counter() - started
     batches = itertools.chain.from_iterable(
         manifest.iter_batches(split, ["image_id", "image"], config.batch_size) for _ in range(passes)
@@ -190,7 +191,7 @@ def run(config: BenchPredictConfig) -> dict:
         model_uri,
         info,
         tracking_uri,
-        classes,
+        checkpoint,
         config.batch_size,
         actors,
         torch_threads=threads,

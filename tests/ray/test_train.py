@@ -179,6 +179,7 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     assert info["classes"] == list(manifest.classes) and len(info["thresholds"]) == 80
     assert all(0.0 < t < 1.0 for t in info["thresholds"])
     assert info["input"]["image_size"] == 64 and info["input"]["resize"] == "squash"
+    assert info["input"]["stored"] == manifest.stored_images()  # served images are made so first
     # The reports say what the figures say: one row per class named as in the manifest, and the mean
     # AP over the classes with positives is the logged mAP of the selected weights.
     with open(client.download_artifacts(run_id, "evaluation/per_class_ap.csv")) as f:

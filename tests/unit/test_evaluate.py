@@ -19,7 +19,12 @@ def test_log_records_the_figures_on_the_version_scored_even_if_the_alias_moves_m
     client.create_registered_model("m")
     first, second = (client.create_model_version("m", source=str(tmp_path)).version for _ in range(2))
     client.set_registered_model_alias("m", "champion", first)
-    manifest = types.SimpleNamespace(uri="file:///data/coco", fingerprint="sha256:x", classes=("a",))
+    manifest = types.SimpleNamespace(
+        uri="file:///data/coco",
+        fingerprint="sha256:x",
+        classes=("a",),
+        stored_images=lambda: {"max_side": 512},
+    )
     loaded = []
 
     def load_predictor(model, client, classes, batch_size):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from jobs import export
 from jobs._config import parse_config
+from jobs._models import CheckpointData
 from mltr import create_model
 from mltr.checkpoint import save_selected_model
 
@@ -39,7 +40,7 @@ def test_an_export_matches_pytorch_at_any_batch_size_and_replaces_out_only_once_
     for p in network.parameters():  # the cross-window gate starts at zero: give it weight
         p.data.add_(0.05 * torch.randn_like(p))
     folder = save_selected_model(network, (0.5, 0.5), tmp_path / "checkpoint")
-    monkeypatch.setattr(export, "checkpoint_classes", lambda model, data, flag: ("x", "y"))
+    monkeypatch.setattr(export, "checkpoint_data", lambda model, data, flag: CheckpointData(("x", "y")))
     out = tmp_path / "export" / "m.onnx"
     flags = ["--model", str(folder), "--out", str(out), *map(str, jpegs(tmp_path, 5))]
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageRejected, ImageSettings, process_image, read_file, scaled_size
+from mltr.images import scaled_size
+from pipeline.images import ImageRejected, ImageSettings, process_image, read_file
 
 pytestmark = pytest.mark.unit
 

@@ -103,7 +103,7 @@ def test_a_model_is_run_on_a_dataset_only_if_it_predicts_that_datasets_classes(t
     folder = save_selected_model(network, (0.5, 0.5, 0.5), tmp_path / "checkpoint")
     manifests = {
         "/data/animals": types.SimpleNamespace(
-            uri="/data/animals", classes=("cat", "dog", "bird"), num_classes=3
+            uri="/data/animals", classes=("cat", "dog", "bird"), num_classes=3, stored_images=dict
         ),
         "/data/streets": types.SimpleNamespace(
             uri="/data/streets", classes=("car", "bus", "sign"), num_classes=3

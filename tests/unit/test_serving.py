@@ -282,3 +282,38 @@ def test_labels_are_chosen_in_logits_as_calibration_counted_them(network):
     assert 1 / (1 + np.exp(-logits[0, 0])) >= threshold  # what comparing probabilities said
     assert not apply_thresholds(logits, predictor.thresholds)[0, 0]  # what the metrics count
     assert predictor.labels(logits) == [["dog"]]
+
+
+def test_a_served_image_is_what_validation_saw_of_it_once_converted(network, tmp_path):
+    """Validation scores the converter's stored JPEG (downscaled to max_side, re-encoded unless it
+    was an RGB JPEG within it): a served original gets exactly those pixels, whatever its format."""
+    from pipeline.images import ImageSettings, process_image
+
+    settings = ImageSettings(max_side=48, quality=85)
+    contract = network.config.input_contract() | {"stored": {"max_side": 48, "quality": 85}}
+    predictor = Predictor(network, ModelInfo(CLASSES, (0.5,) * 3, contract))
+    cmyk = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 60, 4), dtype=np.uint8), "CMYK").save(
+        cmyk, format="JPEG"
+    )
+    originals = {
+        "large.jpg": encoded(160, 120, "JPEG", 10),  # downscaled, re-encoded
+        "small.jpg": encoded(40, 30, "JPEG", 11),  # kept as it is
+        "photo.png": encoded(90, 70, "PNG", 12),  # re-encoded as JPEG
+        "cmyk.jpg": cmyk.getvalue(),  # made RGB by Pillow, as the converter does
+    }
+    stored = {name: process_image(raw, settings)[0] for name, raw in originals.items()}
+    batch = transform_batch(
+        {"image": np.array(list(stored.values()), dtype=object), "labels": [[]] * 4, "ignore": [[]] * 4},
+        IngestConfig(num_classes=3, image_size=64),
+    )  # validation's preprocessing of the stored bytes
+    with torch.no_grad():
+        expected = torch.sigmoid(
+            network(normalize(torch.from_numpy(batch["image"]), (0.5,) * 3, (0.25,) * 3))
+        )
+    rows = predictor.predict_encoded((name, raw, None) for name, raw in originals.items())
+    for row, want in zip(rows, expected, strict=True):
+        assert row["error"] is None and np.allclose(row["scores"], want.numpy(), atol=1e-6)
+    # Stored bytes are kept as they are: a converted dataset scores as validation scored it.
+    again = predictor.predict_encoded((name, raw, None) for name, raw in stored.items())
+    assert [r["scores"] for r in again] == [r["scores"] for r in rows]

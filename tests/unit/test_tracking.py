@@ -68,7 +68,13 @@ def test_the_logged_model_is_the_selected_weights_with_classes_thresholds_and_in
     run_id = client.create_run(experiment).info.run_id
 
     final = tracking.log_final_model(
-        client, run_id, folder, ["cat", "dog", "bird"], variant="mltr_tiny", dataset_fingerprint="abc123"
+        client,
+        run_id,
+        folder,
+        ["cat", "dog", "bird"],
+        variant="mltr_tiny",
+        dataset_fingerprint="abc123",
+        stored_images={"max_side": 512, "quality": 90},
     )
 
     assert final["calib_mAP"] == 0.81 and final["val_mAP"] == 0.77 and final["best_epoch"] == 6
@@ -86,6 +92,7 @@ def test_the_logged_model_is_the_selected_weights_with_classes_thresholds_and_in
         "std": [0.25, 0.25, 0.25],
         "channels": "RGB",
         "layout": "NCHW float32, (uint8 / 255 - mean) / std",
+        "stored": {"max_side": 512, "quality": 90},  # how the training data's images were stored
     }
     assert meta["variant"] == "mltr_tiny" and meta["dataset_fingerprint"] == "abc123"
     assert meta["model_config"]["stem"] == models[weights].config.stem and meta["weights"] == weights
