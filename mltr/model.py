@@ -255,6 +255,15 @@ class MlTrConfig:
         }
 
 
+def autocast(device: torch.device):
+    """The precision the network runs in, in training, evaluation and serving alike: bf16 autocast
+    on GPU, plain fp32 on CPU. Thresholds calibrated on a GPU are applied to a GPU's served
+    scores computed the same way."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 def normalize(
     images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 from mltr.errors import ConfigError
 from mltr.images import as_stored, kept_as_is, special_file_kind, to_rgb
 from mltr.metrics import apply_thresholds
-from mltr.model import MlTr, normalize
+from mltr.model import MlTr, autocast, normalize
 from mltr.paths import local_path
 
 # The pyfunc's input: one of these columns per row (bytes win when a row has both).
@@ -297,10 +297,11 @@ class Predictor:
     @torch.no_grad()
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """The network's logits (N, classes) of resized uint8 pixels, in batches of ``batch_size``."""
-        out = [
-            self.model(self.inputs(pixels[start : start + self.batch_size])).float().cpu().numpy()
-            for start in range(0, len(pixels), self.batch_size)
-        ]
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            inputs = self.inputs(pixels[start : start + self.batch_size])
+            with autocast(self.device):  # as training's evaluation ran it: the thresholds' scores
+                out.append(self.model(inputs).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.info.classes)), dtype=np.float32)
 
     def labels(self, logits: np.ndarray) -> list[list[str]]:

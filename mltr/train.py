@@ -49,7 +49,7 @@ from mltr.config import OptimConfig
 from mltr.errors import TrainingDiverged
 from mltr.losses import build_loss
 from mltr.metrics import MetricAccumulator, MetricResult, best_f1_thresholds, mean_average_precision
-from mltr.model import MlTr, MlTrConfig, normalize
+from mltr.model import MlTr, MlTrConfig, autocast, normalize
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,6 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
                 ema_tensor.copy_(model_tensor)
 
     return torch.optim.swa_utils.AveragedModel(unwrap(model), multi_avg_fn=average, use_buffers=True)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def rng_state() -> dict[str, Any]:

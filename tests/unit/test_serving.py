@@ -317,3 +317,29 @@ def test_a_served_image_is_what_validation_saw_of_it_once_converted(network, tmp
     # Stored bytes are kept as they are: a converted dataset scores as validation scored it.
     again = predictor.predict_encoded((name, raw, None) for name, raw in stored.items())
     assert [r["scores"] for r in again] == [r["scores"] for r in rows]
+
+
+def test_the_served_network_runs_in_the_precision_training_evaluated_it_in(network, monkeypatch):
+    """Thresholds are calibrated on the logits of training's evaluation (bf16 autocast on a GPU):
+    a served model runs the network under the same context, device by device."""
+    import contextlib
+
+    import mltr.serving
+    import mltr.train
+    from mltr.model import autocast
+
+    assert mltr.train.autocast is autocast  # one definition for training's evaluation and serving
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        seen.append(device.type)
+        with autocast(device):
+            yield
+
+    monkeypatch.setattr(mltr.serving, "autocast", recording)
+    predictor = Predictor(
+        network, ModelInfo(CLASSES, (0.5,) * 3, network.config.input_contract()), batch_size=2
+    )
+    predictor.logits(np.zeros((3, 3, 64, 64), dtype=np.uint8))
+    assert seen == ["cpu", "cpu"]  # every batch
