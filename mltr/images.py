@@ -10,6 +10,11 @@ from typing import Any
 
 import numpy as np
 
+# The formats an image is read in, by the converter and the served model alike: raster formats
+# Pillow decodes itself. Not EPS (Pillow hands it to Ghostscript) nor any other it would pass to
+# an outside program: a served model decodes what any client posts.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (its plugin)
+
 
 def special_file_kind(mode: int) -> str | None:
     """``None`` for a regular file's ``st_mode``; else what it is ("folder", "FIFO", "special

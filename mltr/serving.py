@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import math
 import os
 import re
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from mltr.errors import ConfigError
-from mltr.images import as_stored, kept_as_is, special_file_kind, to_rgb
+from mltr.images import IMAGE_FORMATS, as_stored, kept_as_is, special_file_kind, to_rgb
 from mltr.metrics import apply_thresholds
 from mltr.model import MlTr, autocast, normalize
 from mltr.paths import local_path
@@ -144,7 +145,7 @@ def open_image(raw: bytes, name: str) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: too large to decode: {exc}") from None
     except UnidentifiedImageError:
@@ -338,6 +339,11 @@ class Predictor:
         """``(name, data, path)`` rows -> ``{"labels", "scores", "error"}`` per row, in order.
 
         ``data`` (bytes or base64 text) wins; else the image is read from ``path``. A row that
-        cannot be read or decoded gets its ``error`` and no labels; the others are scored.
+        cannot be read or decoded gets its ``error`` and no labels; the others are scored. Rows
+        are decoded a batch at a time: a large request holds one batch of pixels, not all of them.
         """
-        return self.predict_pixels(*self.decode(items))
+        rows: list[dict[str, Any]] = []
+        items = iter(items)
+        while chunk := list(itertools.islice(items, max(1, self.batch_size))):
+            rows += self.predict_pixels(*self.decode(chunk))
+        return rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from mltr.errors import ConfigError
-from mltr.images import as_stored, special_file_kind
+from mltr.images import IMAGE_FORMATS, as_stored, special_file_kind
 
 # Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
 REJECT_REASONS = {
@@ -96,7 +96,7 @@ def process_image(data: bytes, settings: ImageSettings) -> tuple[bytes, int, int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageRejected("too_large", str(exc)) from None
     except UnidentifiedImageError:

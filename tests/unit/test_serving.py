@@ -343,3 +343,25 @@ def test_the_served_network_runs_in_the_precision_training_evaluated_it_in(netwo
     )
     predictor.logits(np.zeros((3, 3, 64, 64), dtype=np.uint8))
     assert seen == ["cpu", "cpu"]  # every batch
+
+
+def test_only_raster_formats_are_decoded_and_a_large_request_is_decoded_a_batch_at_a_time(network):
+    from pipeline.images import ImageRejected, ImageSettings, process_image
+
+    eps = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(eps, format="EPS")  # Pillow would hand it to Ghostscript
+    with pytest.raises(ImageError, match="^x.eps: not a decodable JPEG or PNG image: not a recognised"):
+        decode_image(eps.getvalue(), "x.eps")
+    with pytest.raises(ImageRejected, match="^unreadable: not a recognised image format"):
+        process_image(eps.getvalue(), ImageSettings())  # the converter alike
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
+        assert decode_image(encoded(9, 7, fmt, 13)).shape == (3, 7, 9), fmt
+
+    predictor = Predictor(
+        network, ModelInfo(CLASSES, (0.5,) * 3, network.config.input_contract()), batch_size=2
+    )
+    sizes = []
+    decode = predictor.decode
+    predictor.decode = lambda chunk: sizes.append(len(chunk)) or decode(chunk)
+    rows = predictor.predict_encoded((f"r{i}", encoded(20, 20, "JPEG", i), None) for i in range(5))
+    assert sizes == [2, 2, 1] and len(rows) == 5 and all(r["error"] is None for r in rows)
