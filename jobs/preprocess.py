@@ -30,6 +30,11 @@ class ConversionArgs:
     max_side: int = opt(512, "longer side of stored images; larger images are downscaled")
     quality: int = opt(90, "JPEG quality of re-encoded images")
     rows_per_shard: int = opt(1000, "maximum rows per Parquet file")
+    lease_wait: float = opt(
+        0.0,
+        "seconds to wait for another conversion into --out (or its lease, once its node died: "
+        "stale after 600 s) instead of being refused; a retried job's setting",
+    )
 
     def __post_init__(self):
         if not self.root:
@@ -38,6 +43,8 @@ class ConversionArgs:
             raise ConfigError("--out is required: a folder or s3://bucket/prefix")
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard must be positive, got {self.rows_per_shard}")
+        if self.lease_wait < 0:
+            raise ConfigError(f"--lease-wait must be 0 or more seconds, got {self.lease_wait:g}")
 
     @property
     def uri(self) -> str:
@@ -84,6 +91,7 @@ def run(config: PreprocessConfig) -> dict:
         conversion.image_settings(),
         rows_per_shard=conversion.rows_per_shard,
         allow_shrink=config.allow_shrink,
+        lease_wait=conversion.lease_wait,
     )
     for reject in summary.reject_examples:
         log.warning("rejected %s: %s (%s)", reject["source_path"], reject["reason"], reject["detail"])

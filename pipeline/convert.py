@@ -212,6 +212,7 @@ def convert(
     num_blocks: int | None = None,
     allow_shrink: bool = False,
     lease_ttl: float = LEASE_TTL,
+    lease_wait: float = 0.0,
 ) -> ConvertSummary:
     """Convert an indexed dataset to ``<out>/<index.name>/``; Ray must be initialised by the caller.
 
@@ -219,13 +220,16 @@ def convert(
     manifest; its splits that ``index`` does not hold are kept. A conversion that would lose most
     of the committed rows of the splits it rewrites (images not mounted, say) is refused, the
     committed dataset untouched, unless ``allow_shrink``. Two conversions into the same folder
-    at once: the second is refused (:class:`~pipeline.storage.LeaseHeld`), naming the first.
+    at once: the second is refused (:class:`~pipeline.storage.LeaseHeld`), naming the first,
+    unless it may wait ``lease_wait`` seconds for the first to finish or its lease to go stale
+    (a retry of a conversion whose node died: its lease lives ``lease_ttl`` seconds).
     """
     settings = settings or ImageSettings()
     if rows_per_shard < 1:
         raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
     location = output_root(out).join(index.name)
-    with Lease(location, f"converting {index.name} from {index.root}", ttl=lease_ttl) as lease:
+    purpose = f"converting {index.name} from {index.root}"
+    with Lease(location, purpose, ttl=lease_ttl, wait=lease_wait) as lease:
         return _convert(index, location, settings, rows_per_shard, num_blocks, allow_shrink, lease)
 
 

@@ -181,6 +181,9 @@ def _create_exclusive(location: Location, data: bytes) -> bool:
     return True
 
 
+MAX_CLAIMS = 32  # takeover claims tried for one stale marker
+
+
 class LeaseHeld(ConfigError):
     """Another live process holds the lease."""
 
@@ -206,8 +209,12 @@ class Lease:
 
     FILE = "_lease.json"
 
-    def __init__(self, location: Location, purpose: str, ttl: float = 600.0):
+    def __init__(
+        self, location: Location, purpose: str, ttl: float = 600.0, wait: float = 0.0, poll: float = 5.0
+    ):
         self.location = location
+        self.wait = wait  # seconds to wait for a live holder to leave (or go stale) before refusing
+        self.poll = poll
         self.marker = location.join(self.FILE)
         self.purpose = purpose
         self.ttl = ttl
@@ -258,6 +265,24 @@ class Lease:
         return False
 
     def __enter__(self) -> Lease:
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                self._acquire()
+                break
+            except LeaseHeld as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.info(
+                    "%s; waiting up to %.0f s more", str(exc).removesuffix(" Wait for it to finish."), left
+                )
+                time.sleep(min(self.poll, left))
+        self._thread = threading.Thread(target=self._refresh, name="lease-refresh", daemon=True)
+        self._thread.start()
+        return self
+
+    def _acquire(self) -> None:
         if not _create_exclusive(self.marker, self._record()):
             raw = self._raw()
             holder = self._holder(raw)
@@ -273,17 +298,29 @@ class Lease:
                 self._take_over(raw, holder)
             elif not _create_exclusive(self.marker, self._record()):  # released meanwhile; taken again
                 raise LeaseHeld(f"{self.marker.uri}: another process took the lease as it was released")
-        self._thread = threading.Thread(target=self._refresh, name="lease-refresh", daemon=True)
-        self._thread.start()
-        return self
 
     def _take_over(self, raw: bytes, holder: dict | None) -> None:
-        """Replace the stale marker ``raw``, if this process is the one that claims it."""
+        """Replace the stale marker ``raw``, if this process is the one that claims it.
+
+        Claims are numbered: a claim whose taker died before it wrote the marker goes stale as a
+        marker does, and the next taker creates the next number (exclusively: one wins), so a
+        crashed taker cannot block the lease for good. Nothing is deleted but by its owner."""
         digest = hashlib.sha256(raw).hexdigest()[:16]
-        claim = self.location.join(f"_lease.takeover-{digest}.json")
         taken = f"{self.marker.uri}: another process took over the stale lease first"
-        if not _create_exclusive(claim, self._record()):
-            raise LeaseHeld(taken)
+        abandoned: list[Location] = []
+        for number in range(MAX_CLAIMS):
+            claim = self.location.join(f"_lease.takeover-{digest}{f'-{number}' if number else ''}.json")
+            if _create_exclusive(claim, self._record()):
+                break
+            try:
+                other = self._holder(claim.read_bytes())
+            except FileNotFoundError:  # its owner took the lease and released it meanwhile
+                raise LeaseHeld(taken) from None
+            if other is not None and not self._stale(other):
+                raise LeaseHeld(taken)
+            abandoned.append(claim)
+        else:
+            raise LeaseHeld(f"{self.marker.uri}: {MAX_CLAIMS} abandoned takeover claims; remove them")
         self._claim = claim
         if self._raw() != raw:  # replaced since it was read (a taker that already left): not stale
             raise LeaseHeld(taken)
@@ -291,6 +328,9 @@ class Lease:
             "taking over the stale lease %s held by %s", self.marker.uri, (holder or {}).get("holder")
         )
         self.marker.write_bytes(self._record())
+        for old in abandoned:  # named after a marker that is gone: nobody reads them again
+            with contextlib.suppress(Exception):  # left behind, harmless
+                old.delete()
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.ttl / 4):

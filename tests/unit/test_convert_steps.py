@@ -90,3 +90,27 @@ def test_a_commit_removes_what_earlier_runs_left_and_nothing_else(tmp_path):
     _remove_stale_files(resolve(str(tmp_path)), {"train/part-new-0.parquet", "_rejects-new.jsonl"})
     left = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     assert left == {rel for rel, kept in files.items() if kept}
+
+
+def test_a_conversion_told_to_wait_for_the_lease_waits_then_is_refused_naming_the_holder(tmp_path):
+    import time
+    import types
+
+    from jobs import preprocess
+    from jobs._config import parse_config
+    from mltr.errors import ConfigError
+    from pipeline.convert import convert
+    from pipeline.storage import Lease, LeaseHeld, resolve
+
+    config = parse_config(
+        preprocess.PreprocessConfig, ["--root", "/src", "--out", str(tmp_path), "--lease-wait", "0.5"]
+    )
+    assert config.conversion.lease_wait == 0.5
+    with pytest.raises(ConfigError, match="--lease-wait must be 0 or more"):
+        preprocess.ConversionArgs(root="/src", out=str(tmp_path), lease_wait=-1)
+    index = types.SimpleNamespace(name="coco", root="/src")
+    with Lease(resolve(str(tmp_path / "coco")), "converting coco from /elsewhere"):
+        started = time.monotonic()
+        with pytest.raises(LeaseHeld, match="converting coco from /elsewhere"):
+            convert(index, str(tmp_path), lease_wait=config.conversion.lease_wait)
+        assert time.monotonic() - started >= 0.5  # it waited for the holder before it was refused

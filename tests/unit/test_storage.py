@@ -99,6 +99,42 @@ def test_of_two_takers_of_one_stale_lease_only_one_takes_it(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == []  # the marker and the claim are gone
 
 
+def test_a_takeover_claim_left_by_a_taker_that_died_does_not_block_the_lease_for_good(tmp_path):
+    import hashlib
+
+    location = resolve(str(tmp_path / "ds"))
+    (tmp_path / "ds").mkdir()
+    stale = json.dumps(stale_marker())
+    (tmp_path / "ds" / Lease.FILE).write_text(stale)
+    digest = hashlib.sha256(stale.encode()).hexdigest()[:16]
+    claim = tmp_path / "ds" / f"_lease.takeover-{digest}.json"
+    # A taker claimed the stale marker, then died before it wrote its own marker.
+    claim.write_text(json.dumps({**stale_marker(), "purpose": "a taker that died", "token": "dead"}))
+    with Lease(location, "next") as lease:
+        assert marker(tmp_path)["token"] == lease.token
+        assert not claim.exists()  # named after a marker that is gone: removed
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == []
+    # A live taker's claim still wins: the second is refused.
+    (tmp_path / "ds" / Lease.FILE).write_text(stale)  # the same stale marker again
+    claim.write_text(json.dumps({**stale_marker(), "refreshed_at": time.time(), "token": "alive"}))
+    with pytest.raises(LeaseHeld, match="took over the stale lease first"), Lease(location, "late"):
+        pass
+
+
+def test_a_lease_asked_to_wait_gets_it_once_the_holder_leaves(tmp_path):
+    import threading
+
+    location = resolve(str(tmp_path / "ds"))
+    with Lease(location, "first"):
+        with pytest.raises(LeaseHeld, match="is in use"), Lease(location, "impatient", wait=0.3, poll=0.1):
+            pass  # the holder stays past the wait: refused, as without one
+    holder = Lease(location, "first again").__enter__()
+    threading.Timer(0.4, holder.__exit__, (None, None, None)).start()
+    started = time.monotonic()
+    with Lease(location, "patient", wait=10, poll=0.1) as lease:
+        assert marker(tmp_path)["token"] == lease.token and 0.3 < time.monotonic() - started < 5
+
+
 def test_a_refresh_that_fails_is_tried_again(tmp_path, monkeypatch):
     location = resolve(str(tmp_path / "ds"))
     write, failures = Location.write_bytes, []
