@@ -126,13 +126,13 @@ class Manifest:
     location: Location | None = field(default=None, compare=False, repr=False)
 
     @property
+    def name(self) -> str:
+        return self.dataset
+
     def stored_images(self) -> dict[str, int]:
         """How the images were stored (longer side, JPEG quality): the input contract of a model
         trained on them makes a served image the same before it is resized."""
         return {"max_side": self.image.max_side, "quality": self.image.quality}
-
-    def name(self) -> str:
-        return self.dataset
 
     @property
     def num_classes(self) -> int:

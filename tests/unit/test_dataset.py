@@ -80,6 +80,7 @@ def test_manifest_round_trips_through_its_file(tmp_path):
     assert loaded == written == manifest()
     assert loaded.location.path == str(tmp_path / "coco")
     assert loaded.rows("train") == 7 and loaded.num_classes == 3 and loaded.fingerprint == "sha256:abc"
+    assert loaded.name == "coco" and loaded.stored_images() == {"max_side": 512, "quality": 90}
     assert loaded.files("val") == [str(tmp_path / "coco" / "val" / "part-1.parquet")]
     assert json.loads(loaded.to_json())["num_classes"] == 3
 
