@@ -125,9 +125,12 @@ def test_a_lease_asked_to_wait_gets_it_once_the_holder_leaves(tmp_path):
     import threading
 
     location = resolve(str(tmp_path / "ds"))
-    with Lease(location, "first"):
-        with pytest.raises(LeaseHeld, match="is in use"), Lease(location, "impatient", wait=0.3, poll=0.1):
-            pass  # the holder stays past the wait: refused, as without one
+    with (
+        Lease(location, "first"),
+        pytest.raises(LeaseHeld, match="is in use"),
+        Lease(location, "impatient", wait=0.3, poll=0.1),
+    ):
+        pass  # the holder stays past the wait: refused, as without one
     holder = Lease(location, "first again").__enter__()
     threading.Timer(0.4, holder.__exit__, (None, None, None)).start()
     started = time.monotonic()
