@@ -156,6 +156,24 @@ def make_scheduler(
     )
 
 
+# What a schedule keeps in each optimizer group (OneCycle's rates and momenta, LambdaLR's base rate).
+SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer state, keeping this run's schedule keys where the checkpoint has none.
+
+    ``load_state_dict`` replaces every group's settings with the checkpoint's: a run extended past
+    3 steps (OneCycle) from a checkpoint of a shorter one (a constant rate) would lose the keys its
+    scheduler set at construction, and its first step would fail on ``max_lr``.
+    """
+    own = [{key: group[key] for key in SCHEDULE_KEYS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keys in zip(optimizer.param_groups, own, strict=True):
+        for key, value in keys.items():
+            group.setdefault(key, value)
+
+
 def restore_schedule(
     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any], steps_done: int
 ) -> None:
@@ -508,7 +526,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | Non
             state = TrainState.load(Path(folder) / STATE_FILE)
             unwrap(model).load_state_dict(load_checkpoint(Path(folder) / MODEL_FILE)["state_dict"])
         ema.load_state_dict(state.ema)
-        optimizer.load_state_dict(state.optimizer)
+        restore_optimizer(optimizer, state.optimizer)
         done = optimizer_steps(cfg.train_rows, world, opt.batch_size, opt.accumulate, state.epoch + 1)
         restore_schedule(scheduler, state.scheduler, done)
         scaler.load_state_dict(state.scaler)

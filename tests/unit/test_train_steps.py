@@ -27,6 +27,7 @@ from mltr.train import (
     optimizer_step,
     optimizer_steps,
     param_groups,
+    restore_optimizer,
     restore_schedule,
 )
 from mltr.trainer import fit
@@ -445,3 +446,37 @@ def test_evaluation_batches_are_streamed_once_and_kept_while_they_fit_else_strea
         for _ in range(3):  # three epochs: every batch, in order, each time
             assert [int(batch["image"][0, 0, 0, 0]) for batch in batches] == [0, 1, 2]
         assert shard.streams == streams
+
+
+def test_a_run_too_short_for_onecycle_can_be_extended_onto_it():
+    model = torch.nn.Linear(2, 1)
+
+    def step(optimizer, scheduler):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer_step(model, optimizer, scheduler, None, grad_clip=1.0)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, 0.1, 2)  # under 3 steps: the constant peak rate
+    for _ in range(2):
+        step(optimizer, scheduler)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, 0.1, 12, warmup=0.25)
+    restore_optimizer(optimizer, state["optimizer"])
+    restore_schedule(scheduler, state["scheduler"], steps_done=2)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        step(optimizer, scheduler)
+
+    fresh = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    reference = make_scheduler(fresh, 0.1, 12, warmup=0.25)
+    expected = []
+    for i in range(12):
+        if i >= 2:
+            expected.append(fresh.param_groups[0]["lr"])
+        fresh.step()
+        reference.step()
+    assert rates == pytest.approx(expected) and rates[-1] < 1e-5
+    assert optimizer.state[next(iter(model.parameters()))]["step"] == 12  # Adam's moments were kept
