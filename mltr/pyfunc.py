@@ -95,10 +95,11 @@ def example_image(size: int) -> bytes:
 
 def pip_requirements() -> list[str]:
     """What the model's environment needs beside the mltr package (given, not inferred: inference
-    reloads the model in a subprocess, 5-6 s a run on 2 cores, and cannot name mltr anyway)."""
+    reloads the model in a subprocess, 5-6 s a run on 2 cores, and cannot name mltr anyway):
+    what the served model imports, and s3fs, through which fsspec reads ``s3://`` paths."""
     import importlib.metadata as md
 
-    names = ("mlflow", "torch", "torchvision", "numpy", "pandas", "fsspec")
+    names = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "fsspec", "s3fs")
     return [f"{name}=={md.version(name).split('+')[0]}" for name in names]
 
 

@@ -4,6 +4,7 @@ preprocessed exactly as validation preprocesses, with a bad row reported and the
 import base64
 import io
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -365,3 +366,46 @@ def test_only_raster_formats_are_decoded_and_a_large_request_is_decoded_a_batch_
     predictor.decode = lambda chunk: sizes.append(len(chunk)) or decode(chunk)
     rows = predictor.predict_encoded((f"r{i}", encoded(20, 20, "JPEG", i), None) for i in range(5))
     assert sizes == [2, 2, 1] and len(rows) == 5 and all(r["error"] is None for r in rows)
+
+
+def test_the_logged_requirements_name_what_the_served_model_imports_and_reads_paths_with():
+    import ast
+    import importlib.metadata as md
+    import sys
+
+    from packaging.requirements import Requirement
+
+    import mltr._pyfunc_entry  # noqa: F401  (what loading a served model imports)
+    from mltr.pyfunc import pip_requirements
+    from mltr.serving import URI_SCHEMES
+
+    def requirement_names(lines) -> set[str]:  # those this platform installs, extras' apart
+        parsed = [Requirement(line) for line in lines or []]
+        return {r.name.lower() for r in parsed if not r.marker or r.marker.evaluate({"extra": ""})}
+
+    required = requirement_names(pip_requirements())
+    brought, todo = set(required), list(required)  # and what those bring with them
+    while todo:
+        for name in requirement_names(md.requires(todo.pop())) - brought:
+            brought.add(name)
+            todo.append(name)
+    # Every import (at the top or inside a function) of the project's modules a served model loads.
+    sources = [m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == "mltr"]
+    modules = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(Path(source).read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    providers = md.packages_distributions()
+    needed = {d.lower() for m in modules for d in providers.get(m, ())} & requirement_names(
+        md.requires("mltr")
+    )
+    assert {"torch", "pillow"} <= needed  # the check sees what it is about
+    assert needed <= brought, needed - brought
+    # A path is read through fsspec: the package behind each scheme but "file" is required itself.
+    from fsspec.registry import known_implementations
+
+    readers = {known_implementations[s]["class"].split(".")[0] for s in URI_SCHEMES if s != "file"}
+    assert readers <= required, readers - required
