@@ -35,8 +35,9 @@ from mltr.trainer import (
     TrainRun,
     best_checkpoint,
     build_trainer,
-    completed_result,
+    epochs_held,
     fit,
+    stored_result,
     trained_result,
 )
 from pipeline.dataset import CalibSplit, Manifest, load_manifest, plan_calibration
@@ -301,9 +302,8 @@ def start(
     # A run whose checkpoints already hold every epoch is only finished (run() starts no worker
     # group): it neither waits for the workers' nodes nor is refused for lacking them, as after
     # the nodes of a GPU run have left the cluster.
-    trained = bool(config.run.name) and (
-        completed_result(storage.path, name, config.optim.epochs, storage_filesystem) is not None
-    )
+    held = epochs_held(stored_result(storage.path, name, storage_filesystem)) if config.run.name else 0
+    trained = held >= config.optim.epochs
     init_ray(config.run.address, num_cpus=local_cpus(config))
     resources = wait_for_resources(run_bundles(config), 0 if trained else config.scaling.wait_for_resources)
     actors = decode_actors(config, resources.get("CPU", 0))
@@ -336,7 +336,15 @@ def start(
         loss=config.optim.loss,
     )
     run_id, resumed = tracking.start_or_resume_run(
-        client, experiment_id, name, params, tags, identity, config.optim.epochs, RESUME_FREE
+        client,
+        experiment_id,
+        name,
+        params,
+        tags,
+        identity,
+        config.optim.epochs,
+        RESUME_FREE,
+        checkpoints=(storage.join(name).uri, held),
     )
     log.info("MLflow run %s (%s) in %s", run_id, "resumed" if resumed else "new", mlflow_uri)
     run = TrainRun(

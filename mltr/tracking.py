@@ -119,13 +119,17 @@ def start_or_resume_run(
     identity: RunIdentity,
     epochs: int,
     resume_free: Collection[str] = (),
+    checkpoints: tuple[str, int] | None = None,
 ) -> tuple[str, bool]:
     """The run tagged with ``train_name`` in the experiment, reopened, or a new one; returns (run_id, resumed).
 
     A run is reopened only with the same identity, the same ``params`` as it logged (but those in
     ``resume_free``: where it runs, not what it trains; a param the run did not log is not
     compared) and at least as many epochs as it was asked for; a FINISHED run only to be extended
-    (more epochs). Each change of ``epochs`` is recorded in the
+    (more epochs). ``checkpoints``, (where the run's checkpoints are, how many epochs they hold):
+    a run that logged epochs is not reopened where its checkpoints hold none (another
+    ``--storage``, or lost), as it would train again from epoch 0 under the curves of the first
+    training. Each change of ``epochs`` is recorded in the
     tags ``mltr.epochs`` (the current target) and ``mltr.epochs_history``. Refusals raise
     :class:`~mltr.errors.ConfigError` saying what to do.
     """
@@ -156,6 +160,13 @@ def start_or_resume_run(
         raise ConfigError(
             f"{where} was started with other settings: {', '.join(changed)}; resume it with the flags "
             f"it started with, or start a new --name"
+        )
+    if checkpoints is not None and checkpoints[1] == 0 and (trained := logged_epochs(client, run_id)):
+        storage = run.data.params.get("storage") or "the default, <workdir>/ray_results"
+        raise ConfigError(
+            f"{where} logged epochs {min(trained)}-{max(trained)}, but {checkpoints[0]} holds no checkpoint "
+            f"of it: resumed, it would train again from epoch 0 under the first training's curves. "
+            f"Resume it with the --storage it started with ({storage}), or start a new --name"
         )
     previous = int(run_tags.get(EPOCHS_TAG) or run.data.params.get("epochs") or 0)
     if run.info.status == "FINISHED" and epochs <= previous:

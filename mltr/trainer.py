@@ -145,19 +145,31 @@ def _sigint_restored() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def stored_result(
+    storage_path: str, name: str, storage_filesystem: pafs.FileSystem | None = None
+) -> ray.train.Result | None:
+    """The result of the Train run ``name`` under ``storage_path``, ``None`` when there is none."""
+    path = f"{storage_path.rstrip('/')}/{name}"
+    try:
+        return ray.train.Result.from_path(path, storage_filesystem=storage_filesystem)
+    except RuntimeError:  # no run of that name there yet, or none of its checkpoints registered
+        return None
+
+
+def epochs_held(result: ray.train.Result | None) -> int:
+    """How many epochs a Train run's checkpoints hold (a resume starts at that epoch)."""
+    if result is None or result.checkpoint is None:
+        return 0
+    return int((result.metrics or {}).get("epoch", -1)) + 1
+
+
 def completed_result(
     storage_path: str, name: str, epochs: int, storage_filesystem: pafs.FileSystem | None = None
 ) -> ray.train.Result | None:
     """The result of the Train run ``name`` under ``storage_path`` when its checkpoints hold all
     ``epochs``, else ``None`` (no run of that name there yet, or one still to train)."""
-    path = f"{storage_path.rstrip('/')}/{name}"
-    try:
-        result = ray.train.Result.from_path(path, storage_filesystem=storage_filesystem)
-    except RuntimeError:  # no run of that name there yet, or none of its checkpoints registered
-        return None
-    if result.checkpoint is None or int((result.metrics or {}).get("epoch", -1)) + 1 < epochs:
-        return None
-    return result
+    result = stored_result(storage_path, name, storage_filesystem)
+    return result if epochs_held(result) >= epochs else None
 
 
 def trained_result(run: TrainRun, client: MlflowClient) -> ray.train.Result | None:

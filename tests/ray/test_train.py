@@ -120,6 +120,13 @@ def test_two_workers_learn_select_on_calibration_and_an_interrupted_run_resumes(
     done_before = len(epochs_in_mlflow(uri, killed.info.run_id))
     assert 2 <= done_before < EPOCHS
 
+    # Resumed where its checkpoints are not (another --storage, or lost), it would train again from
+    # epoch 0 under the first training's curves: refused, and the run is left as it was.
+    elsewhere = [*flags, "--storage", str(tmp_path / "elsewhere")]
+    with pytest.raises(ConfigError, match=r"logged epochs 0-\d+, but .*elsewhere/learns holds no checkpoint"):
+        train_job.start(train_job.resolve(parse_config(train_job.TrainConfig, elsewhere, job="train")))
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
     # The same name again resumes it from its checkpoint and trains to the end. The manifest is read
     # once, when the run is resolved: with the file gone afterwards the whole run (driver, Ray Data
     # tasks, workers) still goes through.

@@ -199,6 +199,28 @@ def test_a_finished_run_is_reopened_only_to_extend_it_and_the_extension_is_recor
         start(store, "done", epochs=4)
 
 
+def test_a_run_that_logged_epochs_is_not_reopened_where_its_checkpoints_hold_none(store):
+    client, experiment = store
+
+    def resume(held: int):
+        return tracking.start_or_resume_run(
+            client, experiment, "r", {"epochs": 3, "storage": "s3://a/runs"}, {}, IDENTITY, 3,
+            checkpoints=("s3://b/runs/r", held),
+        )  # fmt: skip
+
+    run_id, _ = resume(0)
+    assert resume(0) == (run_id, True)  # nothing logged yet: nothing to mix with
+    tracking.log_epoch(client, run_id, 0, {"loss": 1.0})
+    tracking.log_epoch(client, run_id, 1, {"loss": 0.5})
+    client.set_terminated(run_id, status="KILLED")
+    with pytest.raises(ConfigError) as info:
+        resume(0)
+    assert "logged epochs 0-1, but s3://b/runs/r holds no checkpoint" in str(info.value)
+    assert "the --storage it started with (s3://a/runs), or start a new --name" in str(info.value)
+    assert client.get_run(run_id).info.status == "KILLED"  # not reopened
+    assert resume(2) == (run_id, True)
+
+
 @pytest.mark.parametrize(
     ("error", "status", "raised"),
     [
