@@ -324,6 +324,15 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def mean_over_ranks(total: float, count: int, device: torch.device) -> float:
+    """``sum(total) / sum(count)`` over the workers (one all-reduce; every worker gets it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total / max(count, 1)
+    value = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(value)
+    return value[0].item() / max(value[1].item(), 1.0)
+
+
 def any_rank_diverged(finite: bool, device: torch.device) -> bool:
     """Whether any worker's loss since the last step is not finite; every worker gets the same answer.
 
@@ -578,6 +587,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | Non
                 optimizer_step(model, optimizer, scheduler, ema, opt.grad_clip)
             seen += batch["image"].shape[0]
         train_seconds = time.perf_counter() - started
+        train_loss = mean_over_ranks(loss_sum, batches, device)  # every worker's, not rank 0's alone
 
         # Unwrapped: evaluation needs no DDP, and workers may hold different numbers of rows.
         models = {"model": unwrap(model), "ema": ema.module}
@@ -589,7 +599,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> TrainingDiverged | Non
         metrics = {
             "epoch": epoch,
             EPOCHS_DONE_KEY: epoch + 1,
-            "train_loss": loss_sum / batches,
+            "train_loss": train_loss,
             "train_images_per_s_per_worker": seen / max(train_seconds, 1e-9),
             "data_wait_s": wait,
             "lr": optimizer.param_groups[0]["lr"],

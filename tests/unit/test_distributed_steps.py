@@ -18,6 +18,7 @@ from mltr.train import (
     any_rank_diverged,
     forward_backward,
     gather_rng_states,
+    mean_over_ranks,
     optimizer_step,
     param_groups,
     restore_rng_state,
@@ -93,6 +94,8 @@ def worker(rank: int, init_file: str, results: dict) -> None:
     # Only rank 1's loss went NaN: both ranks stop, at the same step. Neither: both go on.
     one_diverged = any_rank_diverged(finite=rank == 0, device=cpu)
     none_diverged = any_rank_diverged(finite=True, device=cpu)
+    # The epoch's training loss: rank 0 summed 2.0 over 4 batches, rank 1 6.0 over 4.
+    train_loss = mean_over_ranks(2.0 if rank == 0 else 6.0, 4, cpu)
     # Evaluation batches are kept only if every rank's share fits: rank 1's does not, so both stream.
     from tests.unit.test_train_steps import CountingShard, eval_split
 
@@ -112,6 +115,7 @@ def worker(rank: int, init_file: str, results: dict) -> None:
         "every_step": every_step,
         "one_diverged": one_diverged,
         "none_diverged": none_diverged,
+        "train_loss": train_loss,
         "eval_epochs": epochs,
         "eval_streams": shard.streams,
     }
@@ -149,6 +153,10 @@ def test_accumulation_skips_the_all_reduce_of_the_micro_batches_before_the_last(
 def test_a_loss_that_is_not_a_number_on_one_rank_stops_every_rank(results):
     assert [results[rank]["one_diverged"] for rank in range(WORLD)] == [True, True]
     assert [results[rank]["none_diverged"] for rank in range(WORLD)] == [False, False]
+
+
+def test_the_training_loss_is_every_ranks_mean_on_every_rank(results):
+    assert [results[rank]["train_loss"] for rank in range(WORLD)] == [1.0, 1.0]
 
 
 def test_evaluation_batches_are_kept_only_when_every_ranks_share_fits(results):
