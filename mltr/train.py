@@ -161,17 +161,17 @@ SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentu
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a checkpoint's optimizer state, keeping this run's schedule keys where the checkpoint has none.
+    """Load a checkpoint's optimizer state but keep the keys this run's scheduler set in its groups.
 
-    ``load_state_dict`` replaces every group's settings with the checkpoint's: a run extended past
-    3 steps (OneCycle) from a checkpoint of a shorter one (a constant rate) would lose the keys its
-    scheduler set at construction, and its first step would fail on ``max_lr``.
+    ``load_state_dict`` replaces every group's settings with the checkpoint's. The schedule is this
+    run's (:func:`restore_schedule`): a run extended past 3 steps (OneCycle) from a checkpoint of a
+    shorter one (a constant rate) would otherwise lose ``max_lr`` and start its warm-up from the
+    constant rate's ``initial_lr``. A run on its checkpoint's own schedule has the same keys anyway.
     """
     own = [{key: group[key] for key in SCHEDULE_KEYS if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, keys in zip(optimizer.param_groups, own, strict=True):
-        for key, value in keys.items():
-            group.setdefault(key, value)
+        group.update(keys)
 
 
 def restore_schedule(
