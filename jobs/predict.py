@@ -21,6 +21,7 @@ summary.
 from __future__ import annotations
 
 import glob as globlib
+import itertools
 import json
 import logging
 import os
@@ -85,38 +86,59 @@ class PredictConfig:
     tracking: TrackingArgs = component(TrackingArgs)
 
 
+def check_inputs(inputs: tuple[str, ...]) -> None:
+    """Refuse an empty input (an unset shell variable): as a path it would be the current folder."""
+    for spec in inputs:
+        if not spec.strip():
+            raise ConfigError(f"an input is empty ({spec!r}): give an image, a folder, a glob or a prefix")
+
+
 def expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
-    """Image paths and URIs: files as given, folders and ``s3://`` prefixes walked, globs expanded."""
+    """Image paths and URIs, each once in the order first met: files as given, folders and
+    ``s3://`` prefixes walked, globs expanded.
+
+    A path that exists is taken as it is, whatever ``[`` or ``*`` its name holds; only one that
+    does not is a glob. A file inside a walked folder is yielded if its suffix is an image's,
+    whatever it is (a broken link is then reported as missing, not left out); one given or
+    matched by a glob is yielded whatever its suffix, and reported if it is not an image.
+    """
+    check_inputs(inputs)
+    seen: set[str] = set()
     for spec in inputs:
         if "://" in spec and not spec.startswith("file://"):
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(spec)
             protocol = spec.split("://", 1)[0]
-            found = sorted(fs.glob(root)) if globlib.has_magic(root) else [root]
-            if not found:
-                yield spec  # reported as missing, not silently dropped
-            for path in found:
-                listed = fs.find(path) if fs.isdir(path) else [path]
-                yield from (
-                    f"{protocol}://{p}"
-                    for p in sorted(listed)
-                    if p.lower().endswith(IMAGE_SUFFIXES) or p == path
-                )
-            continue
-        spec = local_path(spec)
-        matches = sorted(globlib.glob(spec, recursive=True)) if globlib.has_magic(spec) else [spec]
-        if not matches:
-            yield spec  # reported as missing, not silently dropped
-        for match in matches:
-            if Path(match).is_dir():
-                yield from (
+            found = sorted(fs.glob(root)) if globlib.has_magic(root) and not fs.exists(root) else [root]
+            walked = (
+                [f"{protocol}://{p}" for p in sorted(fs.find(path)) if p.lower().endswith(IMAGE_SUFFIXES)]
+                if fs.isdir(path)
+                else [f"{protocol}://{path}"]
+                for path in found
+            )
+        else:
+            spec = local_path(spec)
+            found = (
+                sorted(globlib.glob(spec, recursive=True))
+                if globlib.has_magic(spec) and not os.path.lexists(spec)
+                else [spec]
+            )
+            walked = (
+                [
                     str(p)
-                    for p in sorted(Path(match).rglob("*"))
-                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                )
-            else:
-                yield match
+                    for p in sorted(Path(path).rglob("*"))
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+                ]
+                if Path(path).is_dir()
+                else [path]
+                for path in found
+            )
+        missing = [] if found else [spec]  # reported as missing, not silently dropped
+        for path in itertools.chain(missing, *walked):
+            if path not in seen:  # a folder and a file in it, or a ** glob's folders and their files
+                seen.add(path)
+                yield path
 
 
 def _record(path: str, row: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
@@ -405,7 +427,8 @@ def run(config: PredictConfig) -> dict:
         raise ConfigError(
             "nothing to predict: give INPUTS (images, folders, globs, s3:// prefixes) or --data"
         )
-    out_path(config.out)  # a bad --out is refused before the model loads
+    check_inputs(config.inputs)  # as a bad --out is, before the model loads
+    out_path(config.out)
     client = config.tracking.client() if config.model.startswith(MODEL_URI_SCHEMES) else None
     checkpoint = checkpoint_data(config.model, config.classes_from or config.data, "--classes-from")
     tracking_uri = client.tracking_uri if client else None

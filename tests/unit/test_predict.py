@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.predict import actor_layout, expand_inputs, predict_files
+from jobs.predict import PredictConfig, actor_layout, expand_inputs, predict_files, run
 from mltr import create_model
 from mltr.errors import ConfigError
 from mltr.serving import ModelInfo, Predictor
@@ -50,6 +50,47 @@ def test_inputs_expand_and_every_image_gets_a_line_or_a_reason(tmp_path, capsys)
     assert [s["path"] for s in summary["skipped"]] == paths[3:]
     assert "gone.jpg: no such file" in summary["skipped"][1]["error"]
     assert "skipped" in capsys.readouterr().err
+
+
+def test_each_image_is_predicted_once_and_an_existing_name_is_never_a_glob(tmp_path):
+    for name in (
+        "a/one.jpg",
+        "a/sub/two.jpg",
+        "a/notes.txt",
+        "lit/photo[1].jpg",
+        "lit/photo1.jpg",
+        "s [1]/x.jpg",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+
+    def expand(*specs: str) -> list[str]:
+        return [p.removeprefix(str(tmp_path)) for p in expand_inputs(tuple(str(tmp_path / s) for s in specs))]
+
+    # A folder and a file in it, and a ** glob (which matches the folders as well as their files).
+    assert expand("a", "a/one.jpg") == ["/a/gone.jpg", "/a/one.jpg", "/a/sub/two.jpg"]
+    assert expand("a/**") == ["/a/gone.jpg", "/a/one.jpg", "/a/sub/two.jpg", "/a/notes.txt"]
+    # Names that hold glob characters and exist are what they name.
+    assert expand("lit/photo[1].jpg", "s [1]") == ["/lit/photo[1].jpg", "/s [1]/x.jpg"]
+    assert expand("lit/photo[0-9].jpg") == ["/lit/photo1.jpg"]  # one that does not exist is a glob
+    # An unset shell variable is not the current folder.
+    with pytest.raises(ConfigError, match="an input is empty"):
+        list(expand_inputs(("",)))
+    with pytest.raises(ConfigError, match="an input is empty"):  # before any model is looked for
+        run(PredictConfig(model=str(tmp_path / "no-such-model"), inputs=(str(tmp_path / "a"), " ")))
+
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for name in ("x/a.jpg", "x/sub/b.jpg", "y/c[1].jpg", "y/c1.jpg"):
+        memory.pipe(f"/dedup/{name}", b"x")
+    try:
+        assert list(expand_inputs(("memory://dedup/x/**", "memory://dedup/x", "memory://dedup/y/c[1].jpg"))) == [
+            "memory:///dedup/x/a.jpg", "memory:///dedup/x/sub/b.jpg", "memory:///dedup/y/c[1].jpg",
+        ]  # fmt: skip
+    finally:
+        memory.rm("/dedup", recursive=True)
 
 
 def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
