@@ -266,11 +266,14 @@ def load_manifest(uri: str) -> Manifest:
             f"no {MANIFEST} in {location.uri}: the dataset is missing or its conversion did not finish "
             f"(run `mltr preprocess --out <out> ...` and pass <out>/<dataset>)"
         )
-    text = path.read_text()
     try:
-        version = json.loads(text).get("schema_version")
-    except json.JSONDecodeError as exc:
+        text = path.read_text()
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetNotFound(f"{path.uri}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetNotFound(f"{path.uri}: malformed manifest (a JSON {type(data).__name__}, not an object)")
+    version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise DatasetNotFound(
             f"{path.uri}: schema version {version}, this code reads version {SCHEMA_VERSION}; convert again"

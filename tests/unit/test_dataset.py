@@ -101,6 +101,11 @@ def test_a_malformed_or_foreign_manifest_is_refused_naming_the_file(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({**WRITTEN_BEFORE, "schema_version": 2}))
     with pytest.raises(DatasetNotFound, match="schema version 2"):
         load_manifest(str(tmp_path))
+    for foreign, problem in ((b"[1, 2]", "malformed manifest .a JSON list"), (b"null", "malformed"),
+                             (b"PAR1\xff\xfe\x00", "unreadable manifest"), (b"{", "unreadable manifest")):  # fmt: skip
+        (tmp_path / MANIFEST).write_bytes(foreign)
+        with pytest.raises(DatasetNotFound, match=f"{tmp_path / MANIFEST}: {problem}"):
+            load_manifest(str(tmp_path))
     with pytest.raises(KeyError, match="no split 'test'"):
         manifest().rows("test")
 
