@@ -61,14 +61,18 @@ class ImageSettings:
 def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """Read a source image; a missing, special or oversized file is a reject, not an exception that stops the run.
 
-    The file is checked before it is opened: opening a FIFO would block the task forever.
+    The file is checked before it is opened: opening a FIFO would block the task forever. Any
+    error of the file system (a name too long, a loop of links, an I/O error) or of the path
+    itself (a NUL byte an annotation put in it) is this image's reject, not the batch's failure.
     """
+    if "\0" in path:
+        raise ImageRejected("unreadable", f"the path holds a NUL byte: {path!r}")
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise ImageRejected("missing", f"no such file: {path}") from None
-    except (PermissionError, NotADirectoryError) as exc:
-        raise ImageRejected("unreadable", f"{exc.strerror}: {path}") from None
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"{exc.strerror or exc}: {path}") from None
     kind = special_file_kind(info.st_mode)
     if kind:
         raise ImageRejected("not_a_file", f"a {kind}, not a regular file: {path}")
@@ -77,8 +81,8 @@ def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
-    except PermissionError as exc:
-        raise ImageRejected("unreadable", f"{exc.strerror}: {path}") from None
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"{exc.strerror or exc}: {path}") from None
     if len(data) > max_bytes:  # grew after the check
         raise ImageRejected("too_large", f"over the limit of {max_bytes} bytes: {path}")
     return data

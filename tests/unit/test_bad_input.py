@@ -82,23 +82,42 @@ def test_reads_are_capped(tmp_path):
     assert info.value.reason == "too_large" and "5000 bytes" in info.value.detail
 
 
-def test_the_conversion_step_turns_a_fifo_into_a_reject_row(tmp_path):
+def test_the_conversion_step_turns_any_unreadable_path_into_a_reject_row_beside_the_good(tmp_path):
+    import io
+
     import pyarrow as pa
+    from PIL import Image
 
     os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink(tmp_path / "loop.jpg", tmp_path / "loop.jpg")  # a link to itself
+    good = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(good, format="JPEG")
+    (tmp_path / "good.jpg").write_bytes(good.getvalue())
+    paths = {
+        "fifo": str(tmp_path / "pipe.jpg"),
+        "loop": str(tmp_path / "loop.jpg"),
+        "long": str(tmp_path / ("x" * 300 + ".jpg")),  # over the file system's name limit
+        "nul": str(tmp_path / "a\0b.jpg"),  # an annotation can put any character in a file_name
+        "good": str(tmp_path / "good.jpg"),
+    }
     batch = pa.Table.from_pylist(
         [
-            {
-                "image_id": "1",
-                "split": "train",
-                "source_path": str(tmp_path / "pipe.jpg"),
-                "labels": [0],
-                "ignore": [],
-            }
+            {"image_id": k, "split": "train", "source_path": p, "labels": [0], "ignore": []}
+            for k, p in paths.items()
         ]
     )
-    out = process_batch(batch, ImageSettings())
-    assert out["reject_reason"].to_pylist() == ["not_a_file"]
+    out = process_batch(batch, ImageSettings()).to_pylist()
+    assert [row["reject_reason"] for row in out] == [
+        "not_a_file",
+        "unreadable",
+        "unreadable",
+        "unreadable",
+        None,
+    ]
+    assert "symbolic links" in out[1]["reject_detail"] and "loop.jpg" in out[1]["reject_detail"]
+    assert "too long" in out[2]["reject_detail"] and "x" * 300 in out[2]["reject_detail"]
+    assert out[3]["reject_detail"] == f"the path holds a NUL byte: {paths['nul']!r}"
+    assert out[4]["image"] == good.getvalue() and (out[4]["width"], out[4]["height"]) == (20, 10)
 
 
 def test_a_huge_nuswide_label_cell_rejects_its_line_and_the_rest_converts(tmp_path):
