@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from pycocotools.coco import COCO
 
@@ -42,8 +43,12 @@ def annotation_path(root: Path, split: str) -> Path:
     return root / "annotations" / f"instances_{SPLIT_DIRS[split]}.json"
 
 
-def load_coco(path: Path, data: bytes) -> COCO:
-    """Parse an instances JSON into a pycocotools index; a malformed file names itself and the problem."""
+def load_coco(path: Path, data: bytes) -> tuple[COCO, list[tuple[int, Any]]]:
+    """Parse an instances JSON into a pycocotools index; a malformed file names itself and the problem.
+
+    Also returns the entries of 'images' left out of the index, with their positions (1-based): one
+    whose id is not an integer rejects that image, not the file.
+    """
     try:
         dataset = json.loads(data)
     except json.JSONDecodeError as exc:
@@ -52,11 +57,17 @@ def load_coco(path: Path, data: bytes) -> COCO:
         ) from None
     except UnicodeDecodeError as exc:
         raise AnnotationError(path, f"not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise AnnotationError(path, "JSON nested too deeply") from None
     if not isinstance(dataset, dict):
         raise AnnotationError(path, "expected a JSON object with 'images', 'annotations' and 'categories'")
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise AnnotationError(path, f"missing or non-list {key!r}")
+    check_categories(path, dataset)
+    left_out = [(n + 1, image) for n, image in enumerate(dataset["images"]) if image_id_problem(image)]
+    if left_out:
+        dataset = {**dataset, "images": [image for image in dataset["images"] if not image_id_problem(image)]}
     coco = COCO()
     coco.dataset = dataset
     try:
@@ -64,7 +75,45 @@ def load_coco(path: Path, data: bytes) -> COCO:
             coco.createIndex()
     except (KeyError, TypeError) as exc:
         raise AnnotationError(path, f"malformed entry: missing or wrong-typed field {exc}") from None
-    return coco
+    return coco, left_out
+
+
+def check_categories(path: Path, dataset: dict) -> None:
+    """Categories with unique integer ids and unique names, as COCO's are: they are the classes.
+
+    pycocotools indexes categories by id: a repeated id would keep its last entry and silently move
+    the labels of the first to it.
+    """
+    names: dict[int, str] = {}
+    ids: dict[str, int] = {}
+    for n, category in enumerate(dataset["categories"]):
+        where = f"category {n + 1} of 'categories'"
+        if not isinstance(category, dict):
+            raise AnnotationError(path, f"{where} is not an object")
+        cat_id, name = category.get("id"), category.get("name")
+        if not isinstance(cat_id, int) or isinstance(cat_id, bool):
+            raise AnnotationError(path, f"{where} has id {cat_id!r}: category ids are integers")
+        if not isinstance(name, str) or not name:
+            raise AnnotationError(
+                path, f"{where} (id {cat_id}) has name {name!r}: names are non-empty strings"
+            )
+        if cat_id in names:
+            raise AnnotationError(
+                path, f"category id {cat_id} is listed twice ({names[cat_id]!r} and {name!r})"
+            )
+        if name in ids:
+            raise AnnotationError(
+                path, f"category name {name!r} is listed twice (ids {ids[name]} and {cat_id})"
+            )
+        names[cat_id], ids[name] = name, cat_id
+
+
+def image_id_problem(image) -> str | None:
+    """Why an entry of 'images' cannot be indexed (its id is not an integer, as COCO's are), or None."""
+    image_id = image.get("id") if isinstance(image, dict) else None
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        return None
+    return f"has id {image_id!r}: image ids are integers" if isinstance(image, dict) else "is not an object"
 
 
 def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> DatasetIndex:
@@ -82,7 +131,12 @@ def read_coco(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> D
     empty: dict[str, int] = {}
     for split in splits:
         path = annotation_path(root, split)
-        coco = load_coco(path, fingerprint.read(path))
+        coco, left_out = load_coco(path, fingerprint.read(path))
+        for n, image in left_out:
+            image_id = image.get("id") if isinstance(image, dict) else None
+            file_name = str(image.get("file_name") or "") if isinstance(image, dict) else ""
+            detail = f"{path}: image {n} of 'images' {image_id_problem(image)}"
+            rejects.append(Reject(str(image_id), split, file_name, "bad_annotation", detail))
         cat_ids = sorted(coco.getCatIds())
         names = [coco.cats[c]["name"] for c in cat_ids]
         if classes is None:

@@ -56,6 +56,43 @@ def test_a_coco_annotation_of_an_unknown_image_is_rejected_not_dropped(tmp_path)
     assert reject.reason == "bad_annotation" and "999999" in reject.detail and reject.split == "val"
 
 
+def test_coco_categories_must_name_each_class_once_and_a_bad_image_id_rejects_its_image(tmp_path):
+    root = tmp_path / "coco"
+    generate("coco", root, 8, seed=0)
+    path = root / "annotations" / "instances_val2014.json"
+    original = json.loads(path.read_text())
+    first, second = original["categories"][:2]
+    # A repeated id would move the first category's labels to the second (pycocotools keeps the last).
+    for categories, problem in (
+        ([first, {**second, "id": first["id"]}], f"category id {first['id']} is listed twice"),
+        ([first, {**second, "name": first["name"]}], f"category name {first['name']!r} is listed twice"),
+        ([first, {"id": second["id"]}], "category 2 of 'categories' .* has name None"),
+        ([first, {**second, "id": "3"}], "category 2 of 'categories' has id '3'"),
+    ):
+        rewrite_coco(root, "val", lambda data, c=categories: data.update(categories=c))
+        with pytest.raises(AnnotationError, match=problem) as info:
+            read_index("coco", str(root), ("val",))
+        assert info.value.path == str(path)
+        path.write_text(json.dumps(original))
+
+    def string_id(data):
+        data["images"][0]["id"] = str(data["images"][0]["id"])
+
+    rewrite_coco(root, "val", string_id)
+    index = read_index("coco", str(root), ("val",))
+    image = original["images"][0]
+    (reject,) = [r for r in index.rejects if "of 'images'" in r.detail]
+    assert (
+        reject.reason == "bad_annotation" and f"image 1 of 'images' has id '{image['id']}'" in reject.detail
+    )
+    assert (reject.image_id, reject.source_path) == (str(image["id"]), image["file_name"])
+    assert len(index.entries) >= len(original["images"]) - 2  # the others are read
+
+    path.write_text("[" * 100_000 + "]" * 100_000)  # untrusted JSON, nested past Python's recursion limit
+    with pytest.raises(AnnotationError, match="nested too deeply"):
+        read_index("coco", str(root), ("val",))
+
+
 def test_a_fifo_or_a_folder_is_rejected_without_blocking(tmp_path):
     fifo = tmp_path / "image.jpg"
     os.mkfifo(fifo)
