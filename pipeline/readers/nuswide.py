@@ -171,6 +171,10 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
         if split not in splits:
             continue
         filename = (row["filename"] or "").strip()
+        if not filename:
+            detail = f"{path} line {line_no}: no filename"
+            rejects.append(Reject(f"line {line_no}", split, str(path), "bad_annotation", detail))
+            continue
         image_id, source = image_id_of(filename), confined(root, PureWindowsPath(filename).as_posix())
         if source is None:
             detail = f"{path} line {line_no}: {filename!r} leaves {root}"

@@ -171,21 +171,24 @@ def test_a_huge_nuswide_label_cell_rejects_its_line_and_the_rest_converts(tmp_pa
     assert len(index.entries) + index.empty.get("train", 0) + index.empty.get("val", 0) == 12 - 2
 
 
-def test_a_nuswide_csv_line_with_an_unknown_split_rejects_that_line_and_the_rest_converts(tmp_path):
+def test_a_nuswide_csv_line_with_an_unknown_split_or_no_filename_rejects_that_line_alone(tmp_path):
     generate("nuswide", tmp_path, 12, seed=0, layout="csv")
     csv_path = tmp_path / "nus_wide.csv"
     lines = csv_path.read_text().splitlines()
     typo = lines[2].rsplit(",", 1)[0] + ",trian"
     filename = typo.split(",", 1)[0]
     lines[2], lines[-1] = typo, lines[-1].split(",", 1)[0]  # a typo, and a last line cut short
+    lines[4] = "," + lines[4].split(",", 1)[1]  # no filename: not "outside the root"
     csv_path.write_text("\n".join(lines) + "\n")
     index = read_index("nuswide", str(tmp_path))
     bad = [r for r in index.rejects if r.reason == "bad_annotation"]
     assert [r.detail.split(": ", 1)[1] for r in bad] == [
-        "unknown split 'trian' (expected train, val or test)", "unknown split None (expected train, val or test)",
+        "unknown split 'trian' (expected train, val or test)", "no filename",
+        "unknown split None (expected train, val or test)",
     ]  # fmt: skip
     assert "line 3: unknown split" in bad[0].detail and bad[0].source_path == filename
-    assert len(index.entries) + index.empty.get("train", 0) + index.empty.get("val", 0) == 12 - 2
+    assert "line 5: no filename" in bad[1].detail
+    assert len(index.entries) + index.empty.get("train", 0) + index.empty.get("val", 0) == 12 - 3
 
 
 def test_a_nuswide_csv_filename_outside_the_root_is_rejected(tmp_path):
