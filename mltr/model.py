@@ -177,6 +177,17 @@ class MlTrConfig:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "window_size",
+                     "query_heads", "depths", "num_heads"):  # fmt: skip
+            values = getattr(self, name)
+            for value in values if isinstance(values, (tuple, list)) else (values,):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"{name} must be a positive integer (each, for a list), got {values!r}")
+        if self.query_dim is not None and (not isinstance(self.query_dim, int) or self.query_dim < 1):
+            raise ConfigError(f"query_dim must be a positive integer or None, got {self.query_dim!r}")
+        for name in ("drop_rate", "drop_path_rate"):  # a rate of 1 drops everything: NaN, not a model
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -655,10 +666,13 @@ class MlTr(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, H/32, W/32, C) final-stage tokens after the last norm."""
-        size = self.config.image_size
-        if x.ndim != 4 or x.shape[-2:] != (size, size):
-            expected = f"(B, {self.config.in_chans}, {size}, {size})"
-            raise ValueError(f"expected images of shape {expected}, got {tuple(x.shape)}")
+        size, chans = self.config.image_size, self.config.in_chans
+        if x.ndim != 4 or x.shape[1:] != (chans, size, size):
+            raise ValueError(f"expected images of shape (B, {chans}, {size}, {size}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected normalised float images, got {x.dtype}: apply mltr.model.normalize first"
+            )
         x = self.patch_embed(x)  # B, H/p, W/p, C
         x = self.layers(x)  # B, H/32, W/32, C_last
         return self.norm(x)

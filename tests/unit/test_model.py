@@ -239,8 +239,24 @@ def test_swin_layout_variants_keep_the_patch_stem():
         ({"stem": "patch", "stem_widths": (8, 16)}, "needs the conv stem"),
         ({"mean": (0.5, 0.5)}, "one value per input channel"),
         ({"resize": "crop"}, "unknown resize rule"),
+        ({"num_heads": (3, 0, 12, 24)}, r"num_heads must be a positive integer .*\(3, 0, 12, 24\)"),
+        ({"head": "query", "query_heads": 0}, "query_heads must be a positive integer"),
+        ({"patch_size": 0}, "patch_size must be a positive integer"),
+        ({"window_size": 7.0}, "window_size must be a positive integer"),
+        ({"num_classes": -1}, "num_classes must be a positive integer"),
+        ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\), got 1.0"),
+        ({"drop_rate": -0.1}, r"drop_rate must be in \[0, 1\)"),
     ],
 )
 def test_stem_and_input_contract_errors_say_what_is_wrong(overrides, message):
     with pytest.raises(ValueError, match=message):
         MlTrConfig(**overrides)
+
+
+def test_images_that_are_not_the_contracts_are_refused_saying_so():
+    model = create_model("mltr_tiny", num_classes=3).eval()
+    size = model.config.image_size
+    with pytest.raises(ValueError, match="apply mltr.model.normalize first"):
+        model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=rf"expected images of shape \(B, 3, {size}, {size}\), got \(1, 1, "):
+        model(torch.zeros(1, 1, size, size))
