@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -50,7 +50,7 @@ from pipeline.dataset import (
     load_manifest,
 )
 from pipeline.images import ImageRejected, ImageSettings, process_image, read_file
-from pipeline.readers.base import SPLITS, DatasetIndex
+from pipeline.readers.base import SPLITS, DatasetIndex, Reject
 from pipeline.storage import Lease, Location, resolve
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,8 @@ def _convert(
                 f"conversion asks {_flags(asked)}: pass the same, or convert all of its splits "
                 f"({', '.join(list(committed.splits))}) to change them"
             )
+    if kept:
+        index = reject_kept_images(index, committed, kept)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     order = {s: i for i, s in enumerate(index.splits)}
@@ -303,7 +305,8 @@ def _convert(
     seconds = time.perf_counter() - start
     row_counts = {s: sum(f["rows"] for f in files if f["split"] == s) for s in index.splits}
     if committed is not None and not allow_shrink:
-        _refuse_shrink(location, committed, row_counts, rejects, {f["path"] for f in files})
+        before = {s: committed.rows(s) for s in committed.splits}
+        _refuse_shrink(location, before, row_counts, rejects, {f["path"] for f in files})
 
     if kept:  # the splits this conversion does not rewrite keep their shards, counts and rejects
         previous = location.join(committed.rejects.file)
@@ -369,24 +372,48 @@ def _convert(
     )
 
 
+def reject_kept_images(index: DatasetIndex, committed: Manifest, kept: list[str]) -> DatasetIndex:
+    """An image a split this conversion keeps already holds is a ``duplicate`` reject of the splits it
+    rewrites: the kept row stays, as a full conversion keeps an image's first listing, and no image
+    is in two splits (an image of train listed in val would be scored on after being trained on)."""
+    held: dict[str, str] = {}
+    for split in kept:
+        for image_id in committed.read_columns(split, ["image_id"])["image_id"].to_pylist():
+            held.setdefault(image_id, split)
+    entries, rejects = [], list(index.rejects)
+    for entry in index.entries:
+        split = held.get(entry.image_id)
+        if split is None:
+            entries.append(entry)
+            continue
+        detail = (
+            f"image id {entry.image_id!r} ({entry.source_path}) is listed in {entry.split}, but the kept "
+            f"{split} split holds it; convert every split to list it anew"
+        )
+        rejects.append(Reject(entry.image_id, entry.split, entry.source_path, "duplicate", detail))
+    return replace(index, entries=entries, rejects=rejects)
+
+
 def _flags(settings: dict) -> str:
     return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items())
 
 
 def _refuse_shrink(
-    location: Location, committed: Manifest, rows: dict[str, int], rejects: list[dict], written: set[str]
+    location: Location, before: dict[str, int], rows: dict[str, int], rejects: list[dict], written: set[str]
 ) -> None:
-    """Refuse (and remove this run's shards) when the rewritten splits keep under SHRINK_LIMIT of their rows."""
-    before = sum(committed.rows(s) for s in rows if s in committed.splits)
-    after = sum(rows.values())
-    if before == 0 or after >= SHRINK_LIMIT * before:
+    """Refuse (and remove this run's shards) when a rewritten split keeps under SHRINK_LIMIT of its
+    committed rows: one split's images not mounted empties that split, whatever the others hold.
+    ``before``: the committed rows of each split; a split it does not hold has nothing to lose."""
+    shrunk = {s: n for s, n in rows.items() if before.get(s, 0) > 0 and n < SHRINK_LIMIT * before[s]}
+    if not shrunk:
         return
     for rel in written:
         location.join(rel).delete()
     reasons = Counter(r["reason"] for r in rejects)
+    counts = ", ".join(f"{n} {s} rows where the committed dataset has {before[s]}" for s, n in shrunk.items())
     raise ConfigError(
-        f"refused to replace {location.uri}: this conversion has {after} rows where the committed dataset has "
-        f"{before} ({', '.join(f'{n} {reason}' for reason, n in reasons.most_common(3)) or 'no rejects'}); "
+        f"refused to replace {location.uri}: this conversion has {counts} "
+        f"({', '.join(f'{n} {reason}' for reason, n in reasons.most_common(3)) or 'no rejects'}); "
         f"are the images where the annotations say? The committed dataset is unchanged; pass --allow-shrink "
         f"to replace it anyway"
     )
@@ -398,8 +425,12 @@ def _remove_stale_files(location: Location, keep: set[str]) -> None:
     prefix = location.path.rstrip("/") + "/"
     for path in location.list_files():
         rel = path[len(prefix) :]
-        shard = rel.endswith(".parquet") and "/" in rel
+        folder, _, name = rel.rpartition("/")
+        # Only this dataset's own files: <split>/part-*.parquet, not a folder of predictions or
+        # another dataset written beneath it.
+        shard = folder in SPLITS and name.startswith("part-") and name.endswith(".parquet")
         rejects = rel.startswith("_rejects") and rel.endswith(".jsonl")
-        torn = rel.startswith(f"{MANIFEST}.tmp-")  # Location.write_bytes's, never renamed
+        # Location.write_bytes's temporary files, never renamed (a crash while writing them)
+        torn = "/" not in rel and rel.startswith((f"{MANIFEST}.tmp-", "_rejects-")) and ".tmp-" in rel
         if (shard or rejects or torn) and rel not in keep:
             location.fs.delete_file(path)

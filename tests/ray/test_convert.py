@@ -98,6 +98,24 @@ def test_rerun_with_fewer_splits_keeps_the_splits_it_does_not_rewrite(ray_local,
         before.fingerprint,
         read_index("voc", str(root), ("train",)).fingerprint,
     )
+    # An image of the kept train split listed in val too stays in train alone (a full conversion
+    # keeps its first listing): in val it would be scored on after being trained on.
+    listed = root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    train_id, val_list = min(rows_by_id(str(tmp_path / "voc"), "train")), (listed / "test.txt").read_text()
+    (listed / "test.txt").write_text(f"{val_list}{train_id}\n")  # the generated root is the session's
+    try:
+        convert(read_index("voc", str(root), ("val",)), str(tmp_path))
+    finally:
+        (listed / "test.txt").write_text(val_list)
+    manifest = load_manifest(str(tmp_path / "voc"))
+    assert train_id in rows_by_id(str(tmp_path / "voc"), "train")
+    assert train_id not in rows_by_id(str(tmp_path / "voc"), "val")
+    rejects = [
+        json.loads(line) for line in (tmp_path / "voc" / manifest.rejects.file).read_text().splitlines()
+    ]
+    (duplicate,) = [r for r in rejects if r["image_id"] == train_id]
+    assert duplicate["reason"] == "duplicate" and duplicate["split"] == "val"
+    assert "the kept train split holds it" in duplicate["detail"]
     # Other image settings for one split would leave the manifest wrong about the kept one: refused.
     with pytest.raises(
         ConfigError, match=r"stores val with --max-side 512 --quality 90; this conversion asks --max-side 64"
@@ -176,7 +194,8 @@ def test_a_rerun_that_loses_most_rows_is_refused_and_changes_nothing(ray_local, 
     try:
         with pytest.raises(
             ConfigError,
-            match=r"refused to replace .* has 0 rows where the committed dataset has \d+ \(\d+ missing.*--allow-shrink",
+            match=r"refused to replace .* has 0 train rows where the committed dataset has \d+, 0 val rows "
+            r"where the committed dataset has \d+ \(\d+ missing.*--allow-shrink",
         ):
             convert(read_index("coco", str(root)), str(tmp_path))
         assert load_manifest(str(tmp_path / "coco")) == committed

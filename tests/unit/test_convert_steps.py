@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from mltr.errors import ConfigError
 from pipeline.convert import plan_blocks, process_batch, split_processed
 from pipeline.dataset import SCHEMA
 from pipeline.images import ImageSettings
@@ -75,14 +76,16 @@ def test_plan_blocks(entries, rows_per_shard, cpus, expected):
     assert plan_blocks(entries, rows_per_shard, cpus) == expected
 
 
-def test_a_commit_removes_what_earlier_runs_left_and_nothing_else(tmp_path):
+def test_a_commit_removes_what_earlier_runs_of_this_dataset_left_and_nothing_else(tmp_path):
     from pipeline.convert import _remove_stale_files
     from pipeline.storage import resolve
 
     files = {
         "train/part-new-0.parquet": True, "train/part-old-0.parquet": False, "_rejects-new.jsonl": True,
         "_rejects-old.jsonl": False, "_manifest.json": True, "_manifest.json.tmp-1a2b3c4d": False,
-        "_lease.json.tmp-5e6f7a8b": True, "notes.txt": True,
+        "_lease.json.tmp-5e6f7a8b": True, "notes.txt": True, "_rejects-old.jsonl.tmp-9c0d1e2f": False,
+        # Not this dataset's: predictions written beneath it, another dataset converted into it.
+        "predictions/part-1.parquet": True, "voc/train/part-old-0.parquet": True, "voc/_manifest.json": True,
     }  # fmt: skip
     for rel in files:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -114,3 +117,25 @@ def test_a_conversion_told_to_wait_for_the_lease_waits_then_is_refused_naming_th
         with pytest.raises(LeaseHeld, match="converting coco from /elsewhere"):
             convert(index, str(tmp_path), lease_wait=config.conversion.lease_wait)
         assert time.monotonic() - started >= 0.5  # it waited for the holder before it was refused
+
+
+def test_a_rerun_is_refused_when_any_split_it_rewrites_shrinks(tmp_path):
+    from pipeline.convert import _refuse_shrink
+    from pipeline.storage import resolve
+
+    location = resolve(str(tmp_path))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "part-new-0.parquet").write_bytes(b"this run's shard")
+    written = {"val/part-new-0.parquet"}
+    rejects = [{"reason": "missing"}] * 15
+    # val's images not mounted: val empties though train grows and the total barely moves.
+    with pytest.raises(
+        ConfigError, match=r"has 0 val rows where the committed dataset has 15 \(15 missing\)"
+    ):
+        _refuse_shrink(location, {"train": 45, "val": 15}, {"train": 55, "val": 0}, rejects, written)
+    assert not (tmp_path / "val" / "part-new-0.parquet").exists()  # this run's shards are removed
+    # A split the committed dataset never held has nothing to lose, and does not hide another's loss.
+    with pytest.raises(ConfigError, match="has 15 train rows where the committed dataset has 45"):
+        _refuse_shrink(location, {"train": 45}, {"train": 15, "val": 600}, [], set())
+    _refuse_shrink(location, {"train": 45}, {"train": 23, "val": 0}, [], set())  # half is kept: not refused
+    _refuse_shrink(location, {"train": 0, "val": 15}, {"train": 0, "val": 8}, [], set())
