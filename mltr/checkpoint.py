@@ -152,10 +152,11 @@ def load_pretrained(model: MlTr, source: PathLike | Mapping[str, Any]) -> LoadRe
 
     ``source`` is a path (``.pth``/``.pt``/``.bin``, ``.safetensors``, or an MlTr checkpoint) or a
     state dict, possibly wrapped in ``{"model": ...}``. See :func:`mltr.model.convert_state_dict`
-    for the key mapping. Relative-position tables are resampled when windows differ. A classifier
-    that does not fit (ImageNet's 1000 classes) is skipped: the model keeps its own head, whose
-    keys are then reported missing, and the checkpoint's classifier keys are not reported as
-    unexpected. Any other shape mismatch raises ``ValueError``.
+    for the key mapping. Relative-position tables are resampled when windows differ. Head keys
+    that do not fit (a classifier of ImageNet's 1000 classes, a query head's per-class queries)
+    are skipped: the model keeps its own, reported missing, and the checkpoint's are not reported
+    as unexpected; head keys that fit (a query head's class-agnostic decoder) are loaded. Any
+    other shape mismatch raises ``ValueError``.
     """
     state_dict = _read(source) if isinstance(source, (str, os.PathLike)) else source
     if state_dict.get("format") == FORMAT:
