@@ -371,11 +371,11 @@ def test_only_raster_formats_are_decoded_and_a_large_request_is_decoded_a_batch_
 def test_the_logged_requirements_name_what_the_served_model_imports_and_reads_paths_with():
     import ast
     import importlib.metadata as md
+    import subprocess
     import sys
 
     from packaging.requirements import Requirement
 
-    import mltr._pyfunc_entry  # noqa: F401  (what loading a served model imports)
     from mltr.pyfunc import pip_requirements
     from mltr.serving import URI_SCHEMES
 
@@ -389,8 +389,14 @@ def test_the_logged_requirements_name_what_the_served_model_imports_and_reads_pa
         for name in requirement_names(md.requires(todo.pop())) - brought:
             brought.add(name)
             todo.append(name)
-    # Every import (at the top or inside a function) of the project's modules a served model loads.
-    sources = [m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == "mltr"]
+    # Every import (at the top or inside a function) of the project's modules a served model loads,
+    # as a fresh interpreter loads them (this one has imported others: the trainer, Ray).
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mltr._pyfunc_entry; print(*(m.__file__ for n, m in "
+         "sys.modules.items() if n.split('.')[0] == 'mltr'))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    sources = loaded.stdout.split()
     modules = set()
     for source in sources:
         for node in ast.walk(ast.parse(Path(source).read_text())):
