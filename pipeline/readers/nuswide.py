@@ -162,15 +162,14 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
     empty = dict.fromkeys(splits, 0)
     for line_no, row in _rows(reader, path, rejects):
         split = CSV_SPLITS.get((row["split"] or "").strip().lower())
+        filename = (row["filename"] or "").strip()
         if split is None:  # a typo or a cut-off line: that line's reject, the others are read
-            filename = (row["filename"] or "").strip()
             detail = f"{path} line {line_no}: unknown split {row['split']!r} (expected train, val or test)"
             rejects.append(Reject(image_id_of(filename) if filename else f"line {line_no}", "unknown",
                                   filename or str(path), "bad_annotation", detail))  # fmt: skip
             continue
         if split not in splits:
             continue
-        filename = (row["filename"] or "").strip()
         if not filename:
             detail = f"{path} line {line_no}: no filename"
             rejects.append(Reject(f"line {line_no}", split, str(path), "bad_annotation", detail))
