@@ -280,8 +280,11 @@ def normalize(
 ) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` on the images' device (the input contract).
 
-    Always float32, also under autocast (the model's autocast casts at its first layer).
+    Always float32, also under autocast (the model's autocast casts at its first layer). Float
+    input is refused: pixels already scaled to [0, 1] would be divided by 255 a second time.
     """
+    if images.is_floating_point():
+        raise ValueError(f"normalize takes uint8 pixels (0-255), got {images.dtype}")
     mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     return (images.to(torch.float32) / 255.0 - mean_t) / std_t

@@ -144,6 +144,9 @@ def test_normalize_follows_the_models_input_contract():
     np.testing.assert_allclose(
         normalize(images, config.mean, config.std).numpy(), (x - 0.5) / 0.25, rtol=1e-5, atol=1e-5
     )
+    # Pixels already scaled would be scaled again: refused.
+    with pytest.raises(ValueError, match="normalize takes uint8 pixels .0-255., got torch.float32"):
+        normalize(images.float() / 255)
 
 
 def test_normalize_stays_float32_under_autocast():
