@@ -105,13 +105,14 @@ class Fingerprint:
     def read(self, path: str | Path) -> bytes:
         return self.add(path, Path(path).read_bytes())
 
-    def read_text(self, path: str | Path, encoding: str = "utf-8") -> str:
-        """A text annotation file, decoded; one that is not text in ``encoding`` names itself."""
+    def read_text(self, path: str | Path) -> str:
+        """A text annotation file, decoded from UTF-8 without the byte-order mark an editor on Windows
+        may put first (it would become part of the first image id); one that is not UTF-8 names itself."""
         data = self.read(path)
         try:
-            return data.decode(encoding)
+            return data.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
-            raise AnnotationError(path, f"not {encoding.upper()} text: {exc}") from None
+            raise AnnotationError(path, f"not UTF-8 text: {exc}") from None
 
     def hexdigest(self) -> str:
         return "sha256:" + self._hash.hexdigest()

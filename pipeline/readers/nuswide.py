@@ -153,7 +153,7 @@ def _read_csv(root: Path, splits: tuple[str, ...], fingerprint: Fingerprint):
     path = csv_files[0]
     concepts = read_concepts(root, fingerprint, required=False)
     index_of = {c: i for i, c in enumerate(concepts)}
-    reader = csv.DictReader(io.StringIO(fingerprint.read_text(path, encoding="utf-8-sig")))
+    reader = csv.DictReader(io.StringIO(fingerprint.read_text(path)))
     missing_columns = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
     if missing_columns:
         raise AnnotationError(path, f"missing columns {missing_columns}; found {reader.fieldnames}")

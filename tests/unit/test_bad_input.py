@@ -293,6 +293,21 @@ def test_text_annotations_that_are_not_utf8_name_the_file(tmp_path):
     assert info.value.path == str(image_list)
 
 
+@pytest.mark.parametrize("fmt", ["voc", "nuswide"])
+def test_a_byte_order_mark_in_an_image_list_is_not_part_of_the_first_image_id(tmp_path, fmt):
+    generate(fmt, tmp_path, 12, seed=0)
+    before = read_index(fmt, str(tmp_path))
+    lists = {
+        "voc": "VOCdevkit/VOC2007/ImageSets/Main/trainval.txt",
+        "nuswide": "ImageList/TrainImagelist.txt",
+    }
+    listed = tmp_path / lists[fmt]
+    listed.write_bytes(b"\xef\xbb\xbf" + listed.read_bytes())  # as Notepad saves UTF-8
+    after = read_index(fmt, str(tmp_path))
+    assert after.entries == before.entries  # ids, labels and the paths the images are read from
+    assert after.rejects == before.rejects
+
+
 @pytest.mark.parametrize("value", ["2", "-1", "300", "yes"])
 def test_a_nuswide_label_that_is_not_0_or_1_names_the_file_and_line(tmp_path, value):
     generate("nuswide", tmp_path, 8, seed=0)
