@@ -109,6 +109,9 @@ def test_a_fifo_or_a_folder_is_rejected_without_blocking(tmp_path):
     thread.join(timeout=5)
     assert not thread.is_alive(), "reading a FIFO blocked"
     assert outcome["reject"].reason == "not_a_file" and "FIFO" in outcome["reject"].detail
+    with pytest.raises(ImageRejected) as info:
+        read_file(str(tmp_path))
+    assert info.value.reason == "not_a_file" and "folder" in info.value.detail
 
 
 def test_reads_are_capped(tmp_path):
