@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from jobs._models import (
 )
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
+from mltr.paths import replace_durably
 from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
 
 log = logging.getLogger("jobs.export")
@@ -161,8 +161,8 @@ def run(config: ExportConfig) -> dict:
             f"{out} is as it was"
         )
     Path(f"{partial}.json").write_text(json.dumps(info, indent=1))
-    os.replace(partial, out)
-    os.replace(f"{partial}.json", f"{out}.json")
+    replace_durably(partial, out)
+    replace_durably(f"{partial}.json", f"{out}.json")
     print(f"wrote {out} and {out}.json", flush=True)
     return {
         "model": config.model,

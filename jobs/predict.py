@@ -45,7 +45,7 @@ from jobs._models import (
 )
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
-from mltr.paths import local_path
+from mltr.paths import local_path, replace_durably
 from mltr.serving import Predictor, decode_rows
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def json_lines(out: str | None) -> Iterator[TextIO]:
         except BaseException:
             log.error("predict stopped: the lines it wrote are in %s; %s is as it was", partial, path)
             raise
-    os.replace(partial, path)
+    replace_durably(partial, path)
 
 
 def predict_files(predictor: Predictor, paths: list[str], out, batch_size: int) -> dict:

@@ -25,6 +25,7 @@ import torch
 
 from mltr.errors import ConfigError
 from mltr.model import MlTr, MlTrConfig, convert_state_dict
+from mltr.paths import replace_durably
 
 _logger = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ PathLike = str | os.PathLike
 def open_file(path: PathLike, mode: str) -> Iterator[IO[bytes]]:
     """Open a checkpoint for ``"rb"`` or ``"wb"``: a local path or a ``file://`` URI.
 
-    Writes go to a temporary file in the same folder, renamed over ``path`` only once complete,
-    so a reader never sees half a checkpoint.
+    Writes go to a temporary file in the same folder, renamed over ``path`` only once complete
+    and on disk, so neither a reader nor a crash sees half a checkpoint.
     """
     if mode not in ("rb", "wb"):
         raise ValueError(f"mode must be 'rb' or 'wb', not {mode!r}")
@@ -59,7 +60,7 @@ def open_file(path: PathLike, mode: str) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-        os.replace(tmp, target)
+        replace_durably(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 import urllib.request
 
@@ -20,3 +21,21 @@ def local_path(uri: str) -> str:
             f"not one on host {parts.netloc!r}"
         )
     return urllib.request.url2pathname(parts.path)
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a local file's or folder's contents (a folder: the names in it) to its disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the complete file ``tmp`` over ``target`` so that a crash or power loss leaves the
+    old file or the whole new one: ``tmp``'s contents reach the disk before the rename, and the
+    rename before this returns (the folder is synced too)."""
+    fsync(tmp)
+    os.replace(tmp, target)
+    fsync(os.path.dirname(os.path.abspath(target)))

@@ -36,6 +36,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from mltr.errors import ConfigError
+from mltr.paths import fsync
 from pipeline.dataset import (
     MANIFEST,
     SCHEMA,
@@ -140,6 +141,9 @@ class ShardSink(Datasink):
                 if self.location.scheme == "file":
                     self.location.join(split).makedirs()
                 pq.write_table(shard, target.path, filesystem=self.location.fs, row_group_size=ROW_GROUP_SIZE)
+                if self.location.scheme == "file":  # on disk before the manifest that lists it
+                    fsync(target.path)
+                    fsync(self.location.join(split).path)
                 files.append({"path": rel, "split": split, "rows": shard.num_rows})
             if table.num_rows:
                 pending[split] = [table]

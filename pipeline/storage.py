@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import pyarrow.fs as pafs
 
 from mltr.errors import ConfigError
-from mltr.paths import local_path
+from mltr.paths import fsync, local_path, replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class Location:
         return self.read_bytes().decode("utf-8")
 
     def write_bytes(self, data: bytes) -> None:
-        """Write a whole object. Local files appear atomically (temp file + rename); an S3 PUT is atomic."""
+        """Write a whole object. Local files appear atomically and durably (temp file, synced, then
+        renamed); an S3 PUT is atomic."""
         with storage_errors(self.uri):
             self._write_bytes(data)
 
@@ -115,9 +116,9 @@ class Location:
         if self.scheme == "file":
             self.fs.create_dir(parent, recursive=True)
             tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-            with self.fs.open_output_stream(tmp) as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
-            self.fs.move(tmp, self.path)
+            replace_durably(tmp, self.path)
         else:
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
@@ -168,6 +169,9 @@ def _create_exclusive(location: Location, data: bytes) -> bool:
             return False
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync(os.path.dirname(location.path))
         return True
     import s3fs
 

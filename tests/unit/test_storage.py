@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -194,3 +195,69 @@ def test_a_store_that_cannot_be_reached_mid_run_is_named_in_one_line(monkeypatch
             call()
     with pytest.raises(ConfigError, match="the object store at http://127.0.0.1:1"):
         location.join("_lease.json").write_bytes(b"{}")
+
+
+@pytest.fixture
+def disk_events(monkeypatch):
+    """What reached the disk, in order: ``("fsync", path)`` and ``("replace", src, dst)``."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def assert_replaced_durably(events, target):
+    """``target`` was renamed into place from a file synced before, and its folder synced after."""
+    target = os.path.realpath(target)
+    (at,) = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == target]
+    assert ("fsync", events[at][1]) in events[:at], f"{target}: renamed before its contents were synced"
+    assert ("fsync", os.path.dirname(target)) in events[at + 1 :], f"{target}: the rename was not synced"
+
+
+def test_local_commits_reach_the_disk_before_they_are_visible(tmp_path, disk_events):
+    from jobs.predict import json_lines
+    from mltr import create_model
+    from mltr.checkpoint import save_checkpoint
+
+    resolve(str(tmp_path / "ds")).join("_manifest.json").write_text("{}")
+    assert_replaced_durably(disk_events, tmp_path / "ds" / "_manifest.json")
+    save_checkpoint(create_model("mltr_tiny", num_classes=3), tmp_path / "model.pt")
+    assert_replaced_durably(disk_events, tmp_path / "model.pt")
+    with json_lines(str(tmp_path / "out.jsonl")) as out:
+        out.write("{}\n")
+    assert_replaced_durably(disk_events, tmp_path / "out.jsonl")
+
+
+def test_a_local_shard_is_on_disk_before_the_manifest_can_list_it(tmp_path, disk_events):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from pipeline.convert import PROCESSED_SCHEMA, ShardSink
+
+    row = {name: None for name in PROCESSED_SCHEMA.names}
+    row |= {
+        "image_id": "a",
+        "split": "train",
+        "image": b"x",
+        "width": 1,
+        "height": 1,
+        "labels": [0],
+        "ignore": [],
+        "source_path": "a.jpg",
+    }
+    block = pa.Table.from_pylist([row], schema=PROCESSED_SCHEMA)
+    sink = ShardSink(resolve(str(tmp_path / "ds")), "run", rows_per_shard=8)
+    (shard,) = sink.write([block], SimpleNamespace(task_idx=0))["files"]
+    path = os.path.realpath(tmp_path / "ds" / shard["path"])
+    assert disk_events == [("fsync", path), ("fsync", os.path.dirname(path))]
