@@ -681,7 +681,10 @@ class MlTr(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+        # The head in float32 whatever autocast runs the backbone in: bf16 logits (8 bits of
+        # mantissa) tie many scores, which moves average precision and the thresholds calibrated on it.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float(), pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

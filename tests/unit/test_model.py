@@ -103,6 +103,23 @@ def test_variant_forward_backward(name, head):
     assert not no_grad
 
 
+@pytest.mark.parametrize("head", ["pool", "query"])
+def test_the_head_runs_in_float32_under_bf16_autocast(head):
+    torch.manual_seed(0)
+    model = create_model("mltr_tiny", num_classes=80, head=head).eval()
+    size = model.config.image_size
+    images = torch.randn(8, 3, size, size)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model.forward_features(images)
+            logits = model(images)
+        reference = model.forward_head(features.float())  # no autocast at all
+    assert features.dtype == torch.bfloat16  # the backbone did run in bf16
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+    assert logits.unique().numel() == logits.numel()  # no scores tied by rounding
+
+
 def test_gate_at_zero_computes_the_ablation_exactly():
     torch.manual_seed(0)
     ablation = create_model("mltr_tiny", cross_window=False).eval()
