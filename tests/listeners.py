@@ -65,5 +65,10 @@ def listeners(pids: set[int]) -> set[tuple[str, int, int]]:
 
 
 def external_listeners(root: int) -> set[tuple[str, int, int]]:
-    """The listening sockets of ``root``'s process tree that are not on a loopback address."""
-    return {entry for entry in listeners(descendants(root)) if ipaddress.ip_address(entry[0]) not in LOOPBACK}
+    """The listening sockets of ``root``'s process tree that are not on a loopback address.
+
+    A tree that holds no listening socket at all is an error, not an empty answer: it means the
+    processes were missed (or not started yet), and nothing would have been checked."""
+    found = listeners(descendants(root))
+    assert found, f"process {root} and its children hold no listening socket: nothing to check"
+    return {entry for entry in found if ipaddress.ip_address(entry[0]) not in LOOPBACK}
