@@ -77,7 +77,8 @@ def version_tags(run) -> dict[str, str]:
         "dataset": tags.get("mltr.dataset_uri", ""),
         "dataset_fingerprint": tags.get("mltr.dataset_fingerprint", ""),
         "variant": params.get("model", ""),
-        "window_size": params.get("window_size", ""),
+        # The window the network was built with: the flag is "None" where the variant's own was used.
+        "window_size": params.get("resolved_window_size") or params.get("window_size", ""),
         "loss": params.get("loss", ""),
         "calib_mAP": f"{metrics['calib_mAP']:.6f}" if "calib_mAP" in metrics else "",
         "val_mAP": f"{metrics['val_mAP']:.6f}" if "val_mAP" in metrics else "",

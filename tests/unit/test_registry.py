@@ -117,3 +117,16 @@ def test_a_lease_tag_that_is_not_a_holders_is_taken_as_free(model_name, tag):
     with registry.PromotionLease(client, name, settle_s=0.05, wait_s=1) as lease:
         lease.check()
     assert registry.LEASE_TAG not in client.get_registered_model(name).tags
+
+
+def test_a_version_is_tagged_with_the_window_its_network_was_built_with():
+    from types import SimpleNamespace
+
+    params = {"model": "mltr_tiny", "window_size": "None", "resolved_window_size": "4", "loss": "asl"}
+    run = SimpleNamespace(data=SimpleNamespace(params=params, tags={}, metrics={"val_mAP": 0.5}))
+    assert registry.version_tags(run) == {
+        "variant": "mltr_tiny",
+        "window_size": "4",
+        "loss": "asl",
+        "val_mAP": "0.500000",
+    }
