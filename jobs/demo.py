@@ -256,7 +256,7 @@ def run(config: DemoConfig) -> dict:
         converted = pipeline.stage_preprocess(training, None)
         term.say(
             f"      {'reused' if converted['skipped'] else 'wrote'} {converted['uri']}: rows {converted['rows']}, "
-            f"rejects {converted['rejects']} (listed in _rejects.jsonl)"
+            f"rejects {converted['rejects']} (listed in {converted['rejects_file']})"
         )
         mlflow_uri = tracking.default_tracking_uri(work)
         client = MlflowClient(mlflow_uri)
@@ -315,7 +315,7 @@ def run(config: DemoConfig) -> dict:
     lines = [
         "",
         f"Dataset     {converted['uri']}  ({'reused' if converted['skipped'] else 'converted'})",
-        f"            rows {converted['rows']}, rejects {converted['rejects']} (bad files skipped and listed in _rejects.jsonl)",
+        f"            rows {converted['rows']}, rejects {converted['rejects']} (bad files skipped and listed in {converted['rejects_file']})",
         f"Training    run {run_name!r}{' (reused)' if trained['skipped'] else ''}",
         f"            label-frequency baseline val mAP {baseline:.3f}",
         f"            calib mAP {trained['calib_mAP']:.3f} (chooses epoch and weights), val mAP {trained['val_mAP']:.3f} "

@@ -149,6 +149,7 @@ def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, A
                     "fingerprint": manifest.fingerprint,
                     "rows": {s: manifest.rows(s) for s in manifest.splits},
                     "rejects": manifest.rejects.total,
+                    "rejects_file": manifest.location.join(manifest.rejects.file).uri,
                 }
             else:
                 log.info(
@@ -167,6 +168,7 @@ def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, A
         "fingerprint": manifest.fingerprint,
         "rows": result["rows"],
         "rejects": sum(result["rejects"].values()),
+        "rejects_file": result["rejects_file"],
     }
 
 

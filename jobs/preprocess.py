@@ -99,10 +99,11 @@ def run(config: PreprocessConfig) -> dict:
     if total_rejects > len(summary.reject_examples):
         log.warning("... and %d more rejects", total_rejects - len(summary.reject_examples))
     log.info(
-        "wrote %s: rows %s, rejects %s (see _rejects.jsonl), empty %s, %.1f images/s",
+        "wrote %s: rows %s, rejects %s (listed in %s), empty %s, %.1f images/s",
         summary.uri,
         summary.rows,
         summary.rejects or "none",
+        summary.rejects_file,
         summary.empty,
         summary.images_per_second,
     )

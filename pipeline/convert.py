@@ -176,7 +176,8 @@ class ConvertSummary:
     empty: dict[str, int]
     seconds: float
     images_per_second: float
-    reject_examples: list[dict]  # the first rejects, for the log; all of them are in _rejects.jsonl
+    reject_examples: list[dict]  # the first rejects, for the log; all of them are in rejects_file
+    rejects_file: str  # the URI of _rejects-<run>.jsonl: every reject, one JSON object per line
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -373,6 +374,7 @@ def _convert(
         seconds=round(seconds, 3),
         images_per_second=images_per_second,
         reject_examples=ours[:REJECT_EXAMPLES],
+        rejects_file=location.join(rejects_file).uri,
     )
 
 

@@ -2,8 +2,8 @@
 
     <out>/<dataset>/train/part-*.parquet
     <out>/<dataset>/val/part-*.parquet
-    <out>/<dataset>/_rejects.jsonl      inputs that did not become rows, with their reasons
-    <out>/<dataset>/_manifest.json      written last: the commit marker
+    <out>/<dataset>/_rejects-<run>.jsonl  inputs that did not become rows, with their reasons
+    <out>/<dataset>/_manifest.json        written last: the commit marker
 
 The manifest lists every shard of the dataset; a reader reads exactly those files and refuses a
 folder without a manifest, so an interrupted or concurrent conversion is never half-read.

@@ -54,6 +54,7 @@ def test_conversion_matches_what_was_drawn(ray_local, synthetic_root, tmp_path, 
 
     rejects_file = tmp_path / fmt / manifest.rejects.file
     assert sorted(p.name for p in (tmp_path / fmt).glob("_rejects*")) == [rejects_file.name]
+    assert summary.rejects_file == str(rejects_file)  # the file the job's log points to
     rejects = [json.loads(line) for line in rejects_file.read_text().splitlines()]
     assert {r["image_id"]: r["reason"] for r in rejects} == truth.rejects()
     assert all(r["source_path"] and r["detail"] for r in rejects)
