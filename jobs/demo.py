@@ -363,7 +363,7 @@ def run(config: DemoConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    config = parse_config(DemoConfig, argv, prog="mltr demo")
+    config = parse_config(DemoConfig, argv, prog="mltr demo", job="demo")
     return run_job("demo", lambda: run(config))
 
 

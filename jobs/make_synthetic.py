@@ -50,7 +50,7 @@ def run(config: SyntheticConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(SyntheticConfig, argv, prog="mltr make-synthetic")
+    config = parse_config(SyntheticConfig, argv, prog="mltr make-synthetic", job="make-synthetic")
     return run_job("make-synthetic", lambda: run(config))
 
 

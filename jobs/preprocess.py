@@ -117,7 +117,7 @@ def run(config: PreprocessConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    config = parse_config(PreprocessConfig, argv, prog="mltr preprocess")
+    config = parse_config(PreprocessConfig, argv, prog="mltr preprocess", job="preprocess")
     return run_job("preprocess", lambda: run(config))
 
 
