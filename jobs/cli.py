@@ -1,4 +1,5 @@
-"""The ``mltr`` console script: ``mltr <job> [flags]`` runs ``python -m jobs.<job> [flags]``."""
+"""The ``mltr`` console script: ``mltr <job> [flags]`` runs ``python -m jobs.<job> [flags]`` (a
+``-`` in the job's name is a ``_`` in its module's: ``mltr make-synthetic`` is ``jobs.make_synthetic``)."""
 
 from __future__ import annotations
 

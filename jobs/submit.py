@@ -110,7 +110,9 @@ def parse(argv: list[str]) -> Submission:
         "--forward-env",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="send this shell's object-store and MLflow settings (AWS_*, MLFLOW_*) with the job "
+        help="send this shell's object-store and MLflow settings ("
+        + ", ".join(FORWARDED_ENV)
+        + ", where set) with the job "
         "(default); --no-forward-env sends only the --env names, for nodes with their own",
     )
     parser.add_argument("--submission-id", default=None, help="the job's id (default: Ray's)")
