@@ -462,6 +462,13 @@ def test_mltr_checks_refuse_a_broken_copy(case, tmp_path):
 
 
 @pytest.mark.parametrize("name", RAYJOBS)
+def test_a_rayjob_that_hangs_is_failed_within_its_deadline_and_cleaned_up(name):
+    spec = load(ROOT / "infra" / "kuberay" / name)["spec"]
+    assert 3600 <= spec["activeDeadlineSeconds"] <= 14 * 24 * 3600
+    assert spec["shutdownAfterJobFinishes"] is True  # a failed or timed-out RayJob's cluster goes too
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
 def test_rayjob_cluster_has_the_node_types_of_raycluster(name):
     raycluster = load(ROOT / "infra" / "kuberay" / "raycluster.yaml")
     assert shape_differences(load(ROOT / "infra" / "kuberay" / name), raycluster) == []
