@@ -29,7 +29,7 @@ from pipeline.storage import Location, resolve
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
-REJECTS = "_rejects.jsonl"
+REJECTS = "_rejects.jsonl"  # the name manifests written before rejects files carried their run id use
 
 SCHEMA = pa.schema(
     [

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from mltr.errors import ConfigError
 from mltr.images import IMAGE_FORMATS, as_stored, special_file_kind
 
-# Reason codes written to ``_rejects.jsonl`` and counted in the manifest.
+# Reason codes written to the rejects file (``_rejects-<run>.jsonl``) and counted in the manifest.
 REJECT_REASONS = {
     "missing": "the file listed by the annotations does not exist",
     "unreadable": "the file is empty or not in a known image format",
