@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -121,6 +122,18 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def finite_float(text: Any) -> float:
+    """A float flag's value: any number but NaN and the infinities, which no flag means (a NaN
+    compares false with every bound, so it would pass the range checks and poison the run)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _converter(tp: Any):
     """Return (argparse type callable, choices) for a field type."""
     origin = typing.get_origin(tp)
@@ -135,7 +148,9 @@ def _converter(tp: Any):
             return tuple(item_type(part.strip()) for part in text.split(",") if part.strip())
 
         return parse_list, None
-    if tp in (str, int, float):
+    if tp is float:
+        return finite_float, None
+    if tp in (str, int):
         return tp, None
     raise TypeError(f"unsupported config field type: {tp!r}")
 
@@ -162,6 +177,8 @@ def _coerce(leaf: _Leaf, value: Any) -> Any:
         raise ValueError(f"{value!r} is not a whole number")
     try:
         converted = convert(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
     except (TypeError, ValueError):
         raise ValueError(f"{value!r} is not a {convert.__name__}") from None
     if choices and converted not in choices:

@@ -49,6 +49,17 @@ def test_bad_values_exit_with_usage(tmp_path, capsys):
     assert "unknown field 'sise'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_a_float_flag_refuses_what_is_not_a_finite_number(value, capsys):
+    # NaN passes every range check (it compares false with any bound), so it is refused at parsing.
+    with pytest.raises(SystemExit) as exited:
+        parse_config(Example, [f"--rate={value}"])
+    assert (
+        exited.value.code == 2
+        and f"argument --rate: '{value}' is not a finite number" in capsys.readouterr().err
+    )
+
+
 def test_preset_values_are_read_as_their_flags_would_be(tmp_path, capsys, monkeypatch):
     preset = tmp_path / "p.yaml"
     # YAML 1.1 reads 1e-4 as a string and 7 as one number; the fields take a float and a list.
@@ -58,7 +69,9 @@ def test_preset_values_are_read_as_their_flags_would_be(tmp_path, capsys, monkey
     )
     for text, says in (
         ("size: 2.5", "size: 2.5 is not a whole number"),
-        ("rate: fast", "rate: 'fast' is not a float"),
+        ("rate: fast", "rate: 'fast' is not a number"),
+        ("rate: .nan", "rate: nan is not a finite number"),
+        ("rate: -.inf", "rate: -inf is not a finite number"),
         ("flag: 1", "flag: 1 is not true or false"),
         ("kind: c", "kind: 'c' is not one of a, b"),
     ):
