@@ -184,6 +184,10 @@ class PromotionLease:
         settle_s: float = 2.0,
         wait_s: float = 300.0,
     ):
+        if not (0 <= settle_s < ttl_s and wait_s >= 0):
+            raise ValueError(
+                f"a lease needs 0 <= settle_s < ttl_s and wait_s >= 0, got {settle_s}, {ttl_s}, {wait_s}"
+            )
         self.client, self.name = client, name
         self.ttl_s, self.settle_s, self.wait_s = ttl_s, settle_s, wait_s
         self.holder: dict | None = None
@@ -252,8 +256,12 @@ class PromotionLease:
                     # unique-constraint error. That one lost the race; it reads again and waits.
                     log.debug("lease write of %s lost a race: %s", self.name, exc.message)
                 else:
-                    time.sleep(self.settle_s)
-                    current = self.read()
+                    try:
+                        time.sleep(self.settle_s)
+                        current = self.read()
+                    except BaseException:  # Ctrl-C while settling: a lease nobody holds would block for ttl_s
+                        self._withdraw(me["id"])
+                        raise
                     if current is not None and current.get("id") == me["id"]:
                         self.holder = mine
                         self._renewer = threading.Thread(
@@ -268,13 +276,18 @@ class PromotionLease:
                 )
             time.sleep(self.settle_s / 2 + random.random() * self.settle_s)
 
+    def _withdraw(self, lease_id: str) -> None:
+        """Delete the lease tag if it is still the one with ``lease_id``."""
+        current = self.read()
+        if current and current.get("id") == lease_id:
+            self.client.delete_registered_model_tag(self.name, LEASE_TAG)
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        current = self.read()
-        if self.holder and current and current.get("id") == self.holder["id"]:
-            self.client.delete_registered_model_tag(self.name, LEASE_TAG)
+        if self.holder:
+            self._withdraw(self.holder["id"])
         self.holder = None
 
 

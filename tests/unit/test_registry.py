@@ -130,3 +130,26 @@ def test_a_version_is_tagged_with_the_window_its_network_was_built_with():
         "loss": "asl",
         "val_mAP": "0.500000",
     }
+
+
+def test_a_lease_interrupted_while_settling_is_withdrawn(model_name, monkeypatch):
+    client, name = model_name
+    lease = registry.PromotionLease(client, name, settle_s=5)
+
+    def interrupted(seconds):
+        assert registry.LEASE_TAG in client.get_registered_model(name).tags  # written, then settling
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lease.__enter__()
+    assert (
+        registry.LEASE_TAG not in client.get_registered_model(name).tags
+    )  # the next promotion need not wait
+
+
+@pytest.mark.parametrize(("ttl_s", "settle_s"), [(2.0, 2.0), (1.0, -1.0), (0.0, 0.0)])
+def test_a_lease_that_would_go_stale_while_settling_is_refused(model_name, ttl_s, settle_s):
+    client, name = model_name
+    with pytest.raises(ValueError, match="settle_s < ttl_s"):
+        registry.PromotionLease(client, name, ttl_s=ttl_s, settle_s=settle_s)
