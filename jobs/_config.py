@@ -29,6 +29,17 @@ T = TypeVar("T")
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+def check_at_least(config: Any, minimum: float, *fields: str) -> None:
+    """Refuse a config whose numeric ``fields`` (their flags: ``_`` is ``-``) are below ``minimum``;
+    ``None`` (unset) passes. Call it from a config's ``__post_init__``."""
+    from mltr.errors import ConfigError
+
+    for name in fields:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value:g}")
+
+
 def opt(
     default: Any, help: str = "", flag: str | None = None, positional: bool = False, **kwargs: Any
 ) -> Any:

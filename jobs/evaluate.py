@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from jobs._config import component, opt, parse_config
+from jobs._config import check_at_least, component, opt, parse_config
 from jobs._models import (
     MODEL_URI_SCHEMES,
     CheckpointData,
@@ -45,6 +45,9 @@ class EvaluateConfig:
     top_k: int = opt(3, "k of the top-k figures")
     log_results: bool = opt(False, "record the figures as tags of the model version", flag="log")
     tracking: TrackingArgs = component(TrackingArgs)
+
+    def __post_init__(self):
+        check_at_least(self, 1, "batch_size", "top_k")
 
 
 def evaluate(predictor, manifest, split: str, batch_size: int, k: int = 3) -> dict:

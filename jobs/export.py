@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs._config import component, opt, parse_config
+from jobs._config import check_at_least, component, opt, parse_config
 from jobs._models import (
     MODEL_URI_SCHEMES,
     TrackingArgs,
@@ -59,6 +59,10 @@ class ExportConfig:
     atol: float = opt(1e-4, "the largest absolute difference of the logits accepted")
     opset: int | None = opt(None, "ONNX opset (default: the exporter's)")
     tracking: TrackingArgs = component(TrackingArgs)
+
+    def __post_init__(self):
+        check_at_least(self, 1, "check_images", "opset")
+        check_at_least(self, 0, "atol")
 
 
 def check_images(config: ExportConfig, classes: Sequence[str]) -> list:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 
-from jobs._config import component, opt, parse_config
+from jobs._config import check_at_least, component, opt, parse_config
 from jobs._models import (
     MODEL_URI_SCHEMES,
     CheckpointData,
@@ -84,6 +84,9 @@ class PredictConfig:
     )
     address: str | None = opt(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
     tracking: TrackingArgs = component(TrackingArgs)
+
+    def __post_init__(self):
+        check_at_least(self, 1, "batch_size", "actors")
 
 
 def check_inputs(inputs: tuple[str, ...]) -> None:

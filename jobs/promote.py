@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from jobs._config import component, opt, parse_config
+from jobs._config import check_at_least, component, opt, parse_config
 from jobs._models import TrackingArgs, check_classes, load_predictor, score_split
 from jobs._runtime import run_job, setup_logging
 from mltr import registry
@@ -63,6 +63,15 @@ class PromoteConfig:
     lease_settle_s: float = opt(2.0, "promotion lease: seconds a taker waits before reading itself back")
     lease_ttl_s: float = opt(900.0, "promotion lease: seconds after which a holder's lease is stale")
     tracking: TrackingArgs = component(TrackingArgs)
+
+    def __post_init__(self):
+        check_at_least(self, 1, "batch_size")
+        check_at_least(self, 20, "resamples")  # fewer draws give no 95% interval
+        check_at_least(self, 0, "lease_settle_s")
+        if self.lease_ttl_s <= self.lease_settle_s:  # it would go stale while its taker settles
+            raise ConfigError(
+                f"--lease-ttl-s must be more than --lease-settle-s ({self.lease_settle_s:g}), got {self.lease_ttl_s:g}"
+            )
 
 
 def _record(client: MlflowClient, name: str, version: str, prefix: str, tags: dict[str, str]) -> None:

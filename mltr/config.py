@@ -71,6 +71,10 @@ class OptimConfig:
             raise ConfigError(f"--warmup must be a fraction in (0, 1), got {self.warmup}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay:g}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be 0 (off) or more, got {self.grad_clip:g}")
 
 
 @dataclass(frozen=True)

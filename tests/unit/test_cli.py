@@ -181,3 +181,31 @@ def test_a_model_that_is_neither_a_uri_nor_a_checkpoint_folder_is_named_as_such(
     # A folder that exists: what it lacks is the dataset its classes come from.
     with pytest.raises(ConfigError, match="a checkpoint folder needs --classes-from DATASET for its classes"):
         predict.run(parse_config(predict.PredictConfig, ["--model", str(tmp_path), str(image)]))
+
+
+@pytest.mark.parametrize(
+    ("job", "argv", "says"),
+    [
+        ("predict", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ("predict", ["--batch-size=-3"], "--batch-size must be at least 1, got -3"),
+        ("predict", ["--actors", "0"], "--actors must be at least 1, got 0"),
+        ("evaluate", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ("evaluate", ["--top-k", "0"], "--top-k must be at least 1, got 0"),
+        ("export", ["--check-images", "0"], "--check-images must be at least 1, got 0"),
+        ("export", ["--atol=-1"], "--atol must be at least 0, got -1"),
+        ("promote", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ("promote", ["--resamples", "0"], "--resamples must be at least 20, got 0"),
+        ("promote", ["--lease-settle-s=-1"], "--lease-settle-s must be at least 0, got -1"),
+        ("promote", ["--lease-ttl-s", "1"], "--lease-ttl-s must be more than --lease-settle-s (2), got 1"),
+        ("train", ["--weight-decay=-1"], "--weight-decay must be 0 or more, got -1"),
+        ("train", ["--grad-clip=-1"], "--grad-clip must be 0 (off) or more, got -1"),
+    ],
+)
+def test_a_number_no_run_can_use_is_refused_before_anything_runs(job, argv, says, capsys):
+    import importlib
+
+    module = importlib.import_module(f"jobs.{job}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(argv)
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
