@@ -87,12 +87,29 @@ def version_tags(run) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
+def check_name_and_alias(name: str, alias: str | None = None) -> None:
+    """Refuse a registered model name or alias MLflow would refuse, before anything is written (MLflow
+    checks the alias only when it is set, after the version it points at was created)."""
+    from mlflow.utils import validation
+
+    checks = [(validation._validate_model_name, name, "registered model name")]
+    if alias is not None:
+        checks += [(validation._validate_model_alias_name, alias, "alias")]
+        checks += [(validation._validate_model_alias_name_reserved, alias, "alias")]
+    for check, value, what in checks:
+        try:
+            check(value)
+        except MlflowException as exc:
+            raise RegistryError(f"{what} {value!r} cannot be used: {exc.message}") from None
+
+
 def register_run(client: MlflowClient, run_id: str, name: str, alias: str | None = CHALLENGER):
     """Register the model a training run logged as a new version of ``name``; point ``alias`` at it."""
     import mlflow
 
     from mltr.tracking import tracking_uri
 
+    check_name_and_alias(name, alias)
     run = client.get_run(run_id)
     model_uri = run.data.tags.get("mltr.model_uri")
     if not model_uri:

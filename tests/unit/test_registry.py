@@ -1,5 +1,6 @@
 """Promotion's parts: the paired bootstrap of an mAP difference, and the lease that serialises promotions."""
 
+import re
 import threading
 import time
 
@@ -153,3 +154,20 @@ def test_a_lease_that_would_go_stale_while_settling_is_refused(model_name, ttl_s
     client, name = model_name
     with pytest.raises(ValueError, match="settle_s < ttl_s"):
         registry.PromotionLease(client, name, ttl_s=ttl_s, settle_s=settle_s)
+
+
+@pytest.mark.parametrize(
+    ("name", "alias", "says"),
+    [
+        ("m", "latest", "alias 'latest' cannot be used: 'latest' alias name (case insensitive) is reserved"),
+        ("m", "v3", "alias 'v3' cannot be used: Version alias name 'v3' is reserved"),
+        ("m", "bad alias!", "alias 'bad alias!' cannot be used: Invalid alias name"),
+        ("a/b", "champion", "registered model name 'a/b' cannot be used"),
+        ("", "champion", "registered model name '' cannot be used"),
+    ],
+)
+def test_a_name_or_alias_mlflow_refuses_is_refused_before_a_version_is_created(tmp_path, name, alias, says):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(registry.RegistryError, match=re.escape(says)):
+        registry.register_run(client, "no-such-run", name, alias=alias)  # refused before the run is read
+    assert client.search_model_versions() == []
