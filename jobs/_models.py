@@ -138,6 +138,7 @@ def score_split(
     predictor: Predictor, manifest: Manifest, split: str, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(logits, targets, ignore)`` of every row of a converted split, in shard order."""
+    manifest.verify((split,))  # a missing or cut shard is named before any is scored
     logits, labels, ignores, ids = [], [], [], []
     for batch in manifest.iter_batches(split, ["image_id", "image", "labels", "ignore"], batch_size):
         rows = batch.to_pydict()

@@ -442,6 +442,7 @@ def run(config: PredictConfig) -> dict:
 
         manifest = load_manifest(config.data)
         check_class_names(predictor.info.classes, manifest, config.model)
+        manifest.verify((config.split,))  # a missing or cut shard is named here, not inside Ray Data
     if config.data or config.parquet_out:
         return predict_ray(config, predictor.info, checkpoint, tracking_uri, manifest)
     paths = list(expand_inputs(config.inputs))

@@ -26,6 +26,7 @@ from pipeline.dataset import (
     SourceInfo,
     SplitInfo,
     SplitNotFound,
+    load_manifest,
 )
 from pipeline.storage import resolve
 
@@ -184,6 +185,31 @@ def test_the_job_reports_a_damaged_dataset_in_one_line_and_exits_2(tmp_path):
         f"train: error: {tmp_path / 'ds' / 'val' / 'part-1.parquet'}: a shard the manifest lists is missing; convert again"
     ]
     assert "Traceback" not in proc.stderr and issubclass(DatasetDamaged, MltrError)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_scoring_or_predicting_a_damaged_split_names_the_shard_before_any_work(tmp_path, damage):
+    from jobs import predict as predict_job
+    from jobs._models import score_split
+    from mltr.checkpoint import save_selected_model
+
+    write_dataset(tmp_path / "ds")
+    shard = tmp_path / "ds" / "val" / "part-0.parquet"  # the first read: no model is needed before it
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    says = f"{shard}: a shard the manifest lists is"
+    with pytest.raises(DatasetDamaged, match=says):  # evaluate's and promote's scoring
+        score_split(None, load_manifest(str(tmp_path / "ds")), "val")
+    folder = save_selected_model(
+        create_model("mltr_tiny", num_classes=3), (0.5,) * 3, tmp_path / "checkpoint"
+    )
+    config = predict_job.PredictConfig(
+        model=str(folder), data=str(tmp_path / "ds"), parquet_out=str(tmp_path / "out")
+    )
+    with pytest.raises(DatasetDamaged, match=says):  # before Ray starts
+        predict_job.run(config)
 
 
 def test_pickles_are_never_loaded_from_checkpoints(tmp_path, capsys):
