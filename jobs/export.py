@@ -33,7 +33,7 @@ from jobs._models import (
 )
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
-from mltr.paths import replace_durably
+from mltr.paths import check_out_file, replace_durably
 from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
 
 log = logging.getLogger("jobs.export")
@@ -119,6 +119,7 @@ def run(config: ExportConfig) -> dict:
         raise ConfigError(f"--format {config.format!r}: only onnx is supported")
     if not config.model or not config.out:
         raise ConfigError("--model and --out are required")
+    check_out_file(config.out, "--out")  # before the export, not at its rename
     try:
         import onnx
         import onnxruntime

@@ -45,7 +45,7 @@ from jobs._models import (
 )
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
-from mltr.paths import local_path, replace_durably
+from mltr.paths import check_out_file, file_under_a_file, local_path, replace_durably
 from mltr.serving import Predictor, decode_rows
 
 if TYPE_CHECKING:
@@ -156,10 +156,22 @@ def out_path(out: str | None) -> Path | None:
         raise ConfigError(
             f"--out {out}: JSON lines go to a local file; write to object storage with --parquet-out"
         )
-    path = Path(local_path(out))
-    if path.is_dir():
-        raise ConfigError(f"--out {out} is a folder: name the JSON lines file")
-    return path
+    return check_out_file(local_path(out), "--out")
+
+
+def parquet_out_location(uri: str):
+    """``--parquet-out``, checked: a new or empty folder (or s3:// prefix), not a file nor below one."""
+    from pipeline.storage import resolve as resolve_storage
+
+    location = resolve_storage(uri)
+    blocked = file_under_a_file(location.path) if location.scheme == "file" else None
+    if blocked is not None:
+        raise ConfigError(f"--parquet-out {uri}: {blocked} is a file, not a folder")
+    if location.is_file():
+        raise ConfigError(f"--parquet-out {uri} is a file: predictions go into a new folder")
+    if location.exists() and location.list_files():
+        raise ConfigError(f"--parquet-out {uri} already holds files: predictions go into a new folder")
+    return location
 
 
 @contextmanager
@@ -373,7 +385,6 @@ def predict_ray(
     from ray.data.expressions import col
 
     from pipeline.dataset import read_split
-    from pipeline.storage import resolve as resolve_storage
 
     init_ray(config.address, log_to_driver=False)
     if manifest is not None:
@@ -395,9 +406,7 @@ def predict_ray(
     )
     summary: dict[str, Any] = {"model": config.model, "source": config.data or list(config.inputs)}
     if config.parquet_out:
-        location = resolve_storage(config.parquet_out)
-        if location.exists() and location.list_files():
-            raise ConfigError(f"{config.parquet_out} already holds files: predictions go into a new folder")
+        location = parquet_out_location(config.parquet_out)
         predictions.write_parquet(
             location.uri if location.scheme == "s3" else location.path, filesystem=location.fs
         )
@@ -443,6 +452,8 @@ def run(config: PredictConfig) -> dict:
         manifest = load_manifest(config.data)
         check_class_names(predictor.info.classes, manifest, config.model)
         manifest.verify((config.split,))  # a missing or cut shard is named here, not inside Ray Data
+    if config.parquet_out:
+        parquet_out_location(config.parquet_out)  # before Ray starts
     if config.data or config.parquet_out:
         return predict_ray(config, predictor.info, checkpoint, tracking_uri, manifest)
     paths = list(expand_inputs(config.inputs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from mltr.errors import ConfigError
 
@@ -39,3 +40,22 @@ def replace_durably(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     fsync(tmp)
     os.replace(tmp, target)
     fsync(os.path.dirname(os.path.abspath(target)))
+
+
+def file_under_a_file(path: str | os.PathLike) -> str | None:
+    """The nearest existing folder-to-be above ``path`` that is a file (``a.jpg`` of ``a.jpg/x``), if any."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if os.path.lexists(parent):
+            return None if parent.is_dir() else str(parent)
+    return None
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a file a job may write: not a folder, nor below a file; the error names ``flag``."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise ConfigError(f"{flag} {text} is a folder: name the file to write")
+    blocked = file_under_a_file(text)
+    if blocked is not None:
+        raise ConfigError(f"{flag} {text}: {blocked} is a file, not a folder")
+    return Path(text)

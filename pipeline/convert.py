@@ -36,7 +36,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from mltr.errors import ConfigError
-from mltr.paths import fsync
+from mltr.paths import file_under_a_file, fsync
 from pipeline.dataset import (
     MANIFEST,
     SCHEMA,
@@ -204,6 +204,9 @@ def output_root(out: str) -> Location:
     No Ray is needed: a job checks its output here before it starts or joins a cluster.
     """
     root = resolve(out)
+    blocked = file_under_a_file(root.path) if root.scheme == "file" else None
+    if blocked is not None:
+        raise ConfigError(f"--out {root.uri}: {blocked} is a file, not a folder")
     if root.is_file():  # on s3://, the first request: an unreachable store is named here
         raise ConfigError(f"--out {root.uri} is a file: give the folder (or s3:// prefix) datasets go into")
     return root

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -209,3 +210,35 @@ def test_a_number_no_run_can_use_is_refused_before_anything_runs(job, argv, says
         module.main(argv)
     assert exited.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_folder_or_below_a_file_is_refused_before_any_work(tmp_path):
+    from jobs import export as export_job
+    from jobs import predict as predict_job
+    from mltr.errors import ConfigError
+    from pipeline.convert import output_root
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    below = str(tmp_path / "a.jpg" / "sub")
+    for refused, says in [
+        (lambda: predict_job.out_path(str(tmp_path / "folder")), f"--out {tmp_path / 'folder'} is a folder"),
+        (lambda: predict_job.out_path(below + "/x.jsonl"), f"{tmp_path / 'a.jpg'} is a file, not a folder"),
+        (lambda: predict_job.parquet_out_location(str(tmp_path / "a.jpg")), "is a file: predictions go into"),
+        (lambda: predict_job.parquet_out_location(below), f"{tmp_path / 'a.jpg'} is a file, not a folder"),
+        (lambda: output_root(below), f"--out {below}: {tmp_path / 'a.jpg'} is a file, not a folder"),
+        # export refuses it before it loads the model (there is none here) or exports anything
+        (
+            lambda: export_job.run(
+                export_job.ExportConfig(model="nowhere", out=str(tmp_path / "folder") + "/")
+            ),
+            "is a folder",
+        ),
+        (
+            lambda: export_job.run(export_job.ExportConfig(model="nowhere", out=below + "/m.onnx")),
+            "is a file, not a folder",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            refused()
+    assert predict_job.out_path(str(tmp_path / "new" / "x.jsonl")) == tmp_path / "new" / "x.jsonl"
