@@ -202,9 +202,28 @@ def run_outcome(client: MlflowClient, run_id: str) -> Iterator[None]:
         raise
 
 
+STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
 def check_reachable(uri: str, timeout: float = 15.0) -> None:
-    """Fail fast, naming ``uri``, when an MLflow server does not answer (a local store needs no check)."""
-    if not uri.startswith(("http://", "https://")):
+    """Fail fast, naming ``uri``, when it is no MLflow store: a scheme MLflow has no store for, a
+    SQLite file that is not a database, or a server that does not answer."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme not in STORE_SCHEMES:
+        raise ConfigError(
+            f"{uri}: not an MLflow tracking URI (http(s)://, sqlite:///, postgresql://, mysql://, "
+            f"file:// or databricks); check --mlflow-uri"
+        )
+    if scheme == "sqlite":
+        path = uri.split(":///", 1)[-1].split("?", 1)[0]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError:  # none yet (MLflow creates it), or not a plain file: MLflow says
+            head = b""
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"{uri}: {path} is not a SQLite database; check --mlflow-uri")
+    if scheme not in ("http", "https"):
         return
     import urllib.error
     import urllib.request

@@ -249,3 +249,17 @@ def test_an_mlflow_server_that_does_not_answer_fails_fast_naming_it():
         tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
     assert time.monotonic() - started < 10
     tracking.check_reachable("sqlite:////nowhere/mlflow.db")  # a local store needs no server
+
+
+def test_a_uri_that_is_no_mlflow_store_is_named_before_mlflow_is_asked(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="foo://bar: not an MLflow tracking URI"):
+        tracking.check_reachable("foo://bar")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a database")
+    for uri in (f"sqlite:///{tmp_path / 'photo.jpg'}", "sqlite:///photo.jpg"):  # absolute, relative
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ConfigError, match="photo.jpg is not a SQLite database"):
+            tracking.check_reachable(uri)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # a real store, created by MLflow
+    for fine in (store, "postgresql://127.0.0.1/test", "sqlite:///new.db", "sqlite:///:memory:"):
+        tracking.check_reachable(fine)
