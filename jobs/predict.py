@@ -138,10 +138,14 @@ def expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
                 for path in found
             )
         missing = [] if found else [spec]  # reported as missing, not silently dropped
+        images = 0
         for path in itertools.chain(missing, *walked):
+            images += 1
             if path not in seen:  # a folder and a file in it, or a ** glob's folders and their files
                 seen.add(path)
                 yield path
+        if not images:  # only folders, none holding an image: said, not silently nothing
+            log.warning("%s: no %s images in it", spec, ", ".join(IMAGE_SUFFIXES))
 
 
 def _record(path: str, row: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:

@@ -93,6 +93,19 @@ def test_each_image_is_predicted_once_and_an_existing_name_is_never_a_glob(tmp_p
         memory.rm("/dedup", recursive=True)
 
 
+def test_a_folder_without_images_is_said_not_silently_nothing(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    specs = tuple(str(tmp_path / name) for name in ("empty", "notes", "photos"))
+    with caplog.at_level("WARNING", logger="jobs.predict"):
+        assert list(expand_inputs(specs)) == [str(tmp_path / "photos" / "a.jpg")]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{tmp_path / name}: no .jpg, .jpeg, .png images in it" for name in ("empty", "notes")]
+
+
 def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
     return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
 
