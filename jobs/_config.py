@@ -255,7 +255,9 @@ def _load_preset(spec: str, job: str | None, seen: tuple[str, ...] = ()) -> dict
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise PresetError(f"{path}: not a readable YAML preset: {exc}") from None
+        where = getattr(exc, "problem_mark", None)  # YAML's own message spans lines and draws a caret
+        detail = f"{getattr(exc, 'problem', None) or exc}" + (f" at line {where.line + 1}" if where else "")
+        raise PresetError(f"{path}: not a readable YAML preset: {' '.join(detail.split())}") from None
     if not isinstance(data, dict):
         raise PresetError(f"{path}: a preset must be a mapping of field names to values")
     base = data.pop("extends", None)  # another preset, "<job>/<name>": its values, these on top

@@ -180,3 +180,13 @@ def test_training_flags_keep_their_names():
     assert (c.scaling.num_workers, c.scaling.use_gpu, c.scaling.cpus_per_worker) == (3, True, 2)
     assert (c.run.workdir, c.run.storage, c.run.name, c.run.max_failures) == ("w", "s3://b/r", "n", 1)
     assert (c.run.mlflow_uri, c.run.experiment, c.run.address) == ("http://m", "e", "auto")
+
+
+def test_a_preset_that_is_not_yaml_is_one_line_naming_the_file_and_line(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("rate: [1, 2\nsize: 3\n")
+    with pytest.raises(SystemExit) as exited:
+        parse_config(Example, ["--config", str(preset)])
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exited.value.code == 2
+    assert error.endswith(f"{preset}: not a readable YAML preset: expected ',' or ']', but got ':' at line 2")
