@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs._config import component, opt, parse_config, to_dict
+from jobs._config import check_at_least, component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from pipeline.convert import convert, output_root
@@ -45,6 +45,10 @@ class ConversionArgs:
             raise ConfigError(f"--rows-per-shard must be positive, got {self.rows_per_shard}")
         if self.lease_wait < 0:
             raise ConfigError(f"--lease-wait must be 0 or more seconds, got {self.lease_wait:g}")
+        # Checked here, naming the flags, before Ray starts; ImageSettings checks its fields again.
+        check_at_least(self, 16, "max_side")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality must be in 1..100 (a JPEG quality), got {self.quality}")
 
     @property
     def uri(self) -> str:

@@ -200,6 +200,13 @@ def test_a_model_that_is_neither_a_uri_nor_a_checkpoint_folder_is_named_as_such(
         ("promote", ["--lease-ttl-s", "1"], "--lease-ttl-s must be more than --lease-settle-s (2), got 1"),
         ("train", ["--weight-decay=-1"], "--weight-decay must be 0 or more, got -1"),
         ("train", ["--grad-clip=-1"], "--grad-clip must be 0 (off) or more, got -1"),
+        (
+            "preprocess",
+            ["--root=/src", "--out=/o", "--max-side", "8"],
+            "--max-side must be at least 16, got 8",
+        ),
+        ("preprocess", ["--root=/src", "--out=/o", "--quality", "0"], "--quality must be in 1..100"),
+        ("pipeline", ["--root=/src", "--out=/o", "--quality", "101"], "--quality must be in 1..100"),
     ],
 )
 def test_a_number_no_run_can_use_is_refused_before_anything_runs(job, argv, says, capsys):
