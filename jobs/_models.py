@@ -36,13 +36,15 @@ class TrackingArgs:
     )
     workdir: str = opt("work", "local folder of the embedded default (the SQLite MLflow store)")
 
-    def client(self) -> MlflowClient:
+    def client(self, existing: bool = True) -> MlflowClient:
+        """The registry's client. ``existing``: a SQLite store must be there already (a stage that
+        reads runs and models); a stage that trains first passes False, and MLflow creates it."""
         from mlflow.tracking import MlflowClient
 
         from mltr import tracking
 
         uri = self.mlflow_uri or tracking.default_tracking_uri(Path(self.workdir).resolve())
-        tracking.check_reachable(uri)
+        tracking.check_reachable(uri, existing=existing)
         return MlflowClient(uri)
 
 

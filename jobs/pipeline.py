@@ -173,7 +173,8 @@ def stage_preprocess(config: PipelineConfig, address: str | None) -> dict[str, A
 
 
 def _client(train: train_job.TrainConfig):
-    return TrackingArgs(mlflow_uri=train.run.mlflow_uri, workdir=train.run.workdir).client()
+    # The pipeline trains into this store: on a new workdir its SQLite file is not there yet.
+    return TrackingArgs(mlflow_uri=train.run.mlflow_uri, workdir=train.run.workdir).client(existing=False)
 
 
 def check_same_training(run, what: str, params: dict[str, str], free, fingerprint: str) -> None:

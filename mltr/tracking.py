@@ -205,9 +205,11 @@ def run_outcome(client: MlflowClient, run_id: str) -> Iterator[None]:
 STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
-def check_reachable(uri: str, timeout: float = 15.0) -> None:
+def check_reachable(uri: str, timeout: float = 15.0, existing: bool = False) -> None:
     """Fail fast, naming ``uri``, when it is no MLflow store: a scheme MLflow has no store for, a
-    SQLite file that is not a database, or a server that does not answer."""
+    SQLite file that is not a database, or a server that does not answer. With ``existing`` (a
+    stage that reads runs or models), a SQLite file that is not there is refused too: MLflow would
+    create an empty store, and the model asked for would be reported missing, not the store."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme and scheme not in STORE_SCHEMES:
         raise ConfigError(
@@ -219,7 +221,14 @@ def check_reachable(uri: str, timeout: float = 15.0) -> None:
         try:
             with open(path, "rb") as f:
                 head = f.read(16)
-        except OSError:  # none yet (MLflow creates it), or not a plain file: MLflow says
+        except FileNotFoundError:
+            if existing and path not in ("", ":memory:"):
+                raise ConfigError(
+                    f"{uri}: no MLflow store at {path} (no such file): check --mlflow-uri, "
+                    "or --workdir for the embedded default"
+                ) from None
+            head = b""  # none yet: MLflow creates it
+        except OSError:  # not a plain file: MLflow says
             head = b""
         if head and head != b"SQLite format 3\x00":
             raise ConfigError(f"{uri}: {path} is not a SQLite database; check --mlflow-uri")

@@ -201,6 +201,16 @@ def test_a_finished_run_of_the_name_is_reused_only_if_trained_with_these_flags_o
         pipeline.finished_training(client, other.train, "mine", "sha256:aa")
 
 
+def test_the_pipeline_trains_into_a_new_embedded_store(tmp_path, monkeypatch):
+    # The registry jobs refuse a SQLite store that is not there; the pipeline looks for a finished
+    # run before it trains, in the store that training then creates.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = pipeline.parse([*PIPELINE, "--workdir", str(tmp_path / "new"), "--name", "mine"])
+    client = pipeline._client(config.train)
+    assert pipeline.finished_training(client, config.train, "mine", "sha256:aa") is None
+    assert (tmp_path / "new" / "mlflow.db").is_file()
+
+
 def test_a_run_is_registered_again_once_it_logged_a_new_model(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -263,3 +263,26 @@ def test_a_uri_that_is_no_mlflow_store_is_named_before_mlflow_is_asked(tmp_path,
     MlflowClient(store).search_experiments()  # a real store, created by MLflow
     for fine in (store, "postgresql://127.0.0.1/test", "sqlite:///new.db", "sqlite:///:memory:"):
         tracking.check_reachable(fine)
+    tracking.check_reachable(store, existing=True)
+
+
+def test_a_stage_that_reads_models_refuses_a_sqlite_store_that_is_not_there(tmp_path, capsys):
+    """A mistyped store is named as such; MLflow would create an empty one and say the model or run
+    is missing. A training run may start a new store (the embedded default)."""
+    from jobs import export, register
+
+    typo = tmp_path / "typo" / "mlflow.db"
+    (tmp_path / "typo").mkdir()
+    uri = f"sqlite:///{typo}"
+    with pytest.raises(ConfigError, match=f"{uri}: no MLflow store at {typo} \\(no such file\\)"):
+        tracking.check_reachable(uri, existing=True)
+    tracking.check_reachable(uri)  # a stage that writes runs creates it
+    model = "models:/mltr-coco@champion"
+    for job, argv in [
+        (register, ["--run-id", "0123", "--mlflow-uri", uri]),
+        (export, ["--model", model, "--out", str(tmp_path / "m.onnx"), "--mlflow-uri", uri]),
+        (register, ["--run-id", "0123", "--workdir", str(tmp_path / "typo")]),  # the embedded default
+    ]:
+        assert job.main(argv) == 2
+        assert "no MLflow store at" in capsys.readouterr().err.splitlines()[-1]
+    assert not typo.exists()  # nothing was created
