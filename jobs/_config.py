@@ -180,10 +180,12 @@ def _coerce(leaf: _Leaf, value: Any) -> Any:
         raise ValueError(f"{value!r} is not a {getattr(tp, '__name__', tp)}")
     convert, choices = _converter(tp)
     if typing.get_origin(tp) in (tuple, list):
-        if isinstance(value, str):
-            return convert(value)
-        items = value if isinstance(value, list) else [value]  # a lone value: a list of one
-        return convert(",".join(str(item) for item in items))
+        items = value if isinstance(value, (str, list)) else [value]  # a lone value: a list of one
+        text = items if isinstance(items, str) else ",".join(str(item) for item in items)
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:  # an item's own converter (finite_float) said no
+            raise ValueError(str(exc)) from None
     if convert is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{value!r} is not a whole number")
     try:
@@ -207,7 +209,7 @@ def build_parser(
     parser.add_argument(
         "--config",
         default=None,
-        help=f"YAML preset: a path, or the name of a file in {PRESETS_DIR.name}/ (flags override it)",
+        help=f"YAML preset: a path, or a name: {PRESETS_DIR.name}/<job>/NAME.yaml (flags override it)",
     )
     for leaf in _leaves(cls):
         f = leaf.field

@@ -19,6 +19,7 @@ class Example:
     flag: bool = opt(False)
     kind: Literal["a", "b"] = opt("a")
     splits: tuple[str, ...] = opt(("train", "val"))
+    rates: tuple[float, ...] = opt((0.1,))
     address: str | None = opt(None)
 
 
@@ -74,6 +75,9 @@ def test_preset_values_are_read_as_their_flags_would_be(tmp_path, capsys, monkey
         ("rate: -.inf", "rate: -inf is not a finite number"),
         ("flag: 1", "flag: 1 is not true or false"),
         ("kind: c", "kind: 'c' is not one of a, b"),
+        ("rates: [1e-3, fast]", "rates: 'fast' is not a number"),
+        ("rates: [.nan]", "rates: 'nan' is not a finite number"),
+        ("rates: '1e-4,inf'", "rates: 'inf' is not a finite number"),
     ):
         preset.write_text(text + "\n")
         with pytest.raises(SystemExit) as exited:  # a usage error, naming the preset and the field
@@ -116,7 +120,8 @@ def test_components_become_flat_flags_and_presets(tmp_path):
     cfg = parse_config(Composed, ["--config", str(preset), "--speed", "0.5", "--kind", "b"])
     assert cfg == Composed(Inner(speed=0.5, uri="/somewhere"), Example(size=9, kind="b"))
     assert to_dict(cfg) == {**to_dict(Example(size=9, kind="b")), "speed": 0.5, "data": "/somewhere"}
-    assert from_flat(Composed, to_dict(cfg) | {"splits": ("train",)}) == replace_flat(cfg, splits=("train",))
+    flat = to_dict(cfg) | {"splits": ("train",), "rates": (0.1,)}  # to_dict gives lists, as YAML would
+    assert from_flat(Composed, flat) == replace_flat(cfg, splits=("train",))
     with pytest.raises(TypeError, match="no flag"):
         replace_flat(cfg, uri="/x")  # the flag is --data
 
