@@ -33,7 +33,7 @@ from jobs._models import (
 )
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
-from mltr.paths import check_out_file, replace_durably
+from mltr.paths import check_out_file, local_path, replace_durably
 from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
 
 log = logging.getLogger("jobs.export")
@@ -119,7 +119,9 @@ def run(config: ExportConfig) -> dict:
         raise ConfigError(f"--format {config.format!r}: only onnx is supported")
     if not config.model or not config.out:
         raise ConfigError("--model and --out are required")
-    check_out_file(config.out, "--out")  # before the export, not at its rename
+    if "://" in config.out and not config.out.startswith("file://"):
+        raise ConfigError(f"--out {config.out}: the ONNX file is written to a local path; copy it from there")
+    out = check_out_file(local_path(config.out), "--out")  # before the export, not at its rename
     try:
         import onnx
         import onnxruntime
@@ -135,7 +137,6 @@ def run(config: ExportConfig) -> dict:
     images = check_images(config, predictor.info.classes)
     pixels = np.stack([resize_image(image, predictor.info.input).numpy() for image in images])
     inputs = predictor.inputs(pixels)  # float32 (N, 3, S, S): the input contract
-    out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Exported and checked beside --out, then moved over it: an export that fails its check leaves
     # an earlier one (and its .json) as they were.

@@ -245,6 +245,10 @@ def test_an_out_that_is_a_folder_or_below_a_file_is_refused_before_any_work(tmp_
             lambda: export_job.run(export_job.ExportConfig(model="nowhere", out=below + "/m.onnx")),
             "is a file, not a folder",
         ),
+        (  # not a local folder named "s3:"
+            lambda: export_job.run(export_job.ExportConfig(model="nowhere", out="s3://bucket/m.onnx")),
+            "--out s3://bucket/m.onnx: the ONNX file is written to a local path",
+        ),
     ]:
         with pytest.raises(ConfigError, match=re.escape(says)):
             refused()
