@@ -76,6 +76,8 @@ def test_an_export_matches_pytorch_at_any_batch_size_and_replaces_out_only_once_
 def test_a_model_is_checked_on_a_dataset_only_if_it_predicts_that_datasets_classes(tmp_path, monkeypatch):
     import types
 
+    from mlflow.tracking import MlflowClient
+
     import pipeline.dataset
     from mltr.errors import ConfigError
     from mltr.serving import ModelInfo, Predictor
@@ -86,9 +88,9 @@ def test_a_model_is_checked_on_a_dataset_only_if_it_predicts_that_datasets_class
     streets = types.SimpleNamespace(uri="/data/streets", classes=("car", "bus"), num_classes=2)
     monkeypatch.setattr(pipeline.dataset, "load_manifest", lambda uri: streets)
     flags = ["--model", "models:/animals/1", "--data", "/data/streets", "--out", str(tmp_path / "m.onnx")]
-    config = parse_config(
-        export.ExportConfig, [*flags, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    )
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # the registry the model would be loaded from
+    config = parse_config(export.ExportConfig, [*flags, "--mlflow-uri", store])
     with pytest.raises(ConfigError, match="predicts 2 classes that are not the dataset's /data/streets"):
         export.run(config)  # before anything is exported
     assert not list(tmp_path.glob("*.onnx"))
