@@ -180,8 +180,8 @@ def _coerce(leaf: _Leaf, value: Any) -> Any:
         raise ValueError(f"{value!r} is not a {getattr(tp, '__name__', tp)}")
     convert, choices = _converter(tp)
     if typing.get_origin(tp) in (tuple, list):
-        items = value if isinstance(value, (str, list)) else [value]  # a lone value: a list of one
-        text = items if isinstance(items, str) else ",".join(str(item) for item in items)
+        items = value if isinstance(value, list) else [value]  # a lone value: a list of one
+        text = value if isinstance(value, str) else ",".join(str(item) for item in items)
         try:
             return convert(text)
         except argparse.ArgumentTypeError as exc:  # an item's own converter (finite_float) said no

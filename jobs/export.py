@@ -33,7 +33,7 @@ from jobs._models import (
 )
 from jobs._runtime import run_job, setup_logging
 from mltr.errors import ConfigError, MltrError
-from mltr.paths import check_out_file, local_path, replace_durably
+from mltr.paths import check_out_file, replace_durably
 from mltr.serving import ImageError, decode_image, read_image_bytes, resize_image
 
 log = logging.getLogger("jobs.export")
@@ -119,9 +119,8 @@ def run(config: ExportConfig) -> dict:
         raise ConfigError(f"--format {config.format!r}: only onnx is supported")
     if not config.model or not config.out:
         raise ConfigError("--model and --out are required")
-    if "://" in config.out and not config.out.startswith("file://"):
-        raise ConfigError(f"--out {config.out}: the ONNX file is written to a local path; copy it from there")
-    out = check_out_file(local_path(config.out), "--out")  # before the export, not at its rename
+    # Checked before the export, not at its rename.
+    out = check_out_file(config.out, "--out", "the ONNX file is written to a local path; copy it from there")
     try:
         import onnx
         import onnxruntime

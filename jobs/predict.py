@@ -156,11 +156,9 @@ def out_path(out: str | None) -> Path | None:
     """The local file ``--out`` names (a ``file://`` URI taken as its path); remote URIs are refused."""
     if out is None:
         return None
-    if "://" in out and not out.startswith("file://"):
-        raise ConfigError(
-            f"--out {out}: JSON lines go to a local file; write to object storage with --parquet-out"
-        )
-    return check_out_file(local_path(out), "--out")
+    return check_out_file(
+        out, "--out", "JSON lines go to a local file; write to object storage with --parquet-out"
+    )
 
 
 def parquet_out_location(uri: str):

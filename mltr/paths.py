@@ -50,9 +50,16 @@ def file_under_a_file(path: str | os.PathLike) -> str | None:
     return None
 
 
-def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` as a file a job may write: not a folder, nor below a file; the error names ``flag``."""
+def check_out_file(
+    path: str | os.PathLike, flag: str = "--out", remote: str = "a local file is written here"
+) -> Path:
+    """``path`` as a local file a job may write: not a folder, nor below a file; a ``file://`` URI
+    is taken as its path, any other URI is refused (``remote`` says where to write instead). The
+    errors name ``flag``."""
     text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        raise ConfigError(f"{flag} {text}: {remote}")
+    text = local_path(text)
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
         raise ConfigError(f"{flag} {text} is a folder: name the file to write")
     blocked = file_under_a_file(text)
