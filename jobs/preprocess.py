@@ -14,7 +14,7 @@ from jobs._config import check_at_least, component, opt, parse_config, to_dict
 from jobs._runtime import init_ray, run_job, setup_logging
 from mltr.errors import ConfigError
 from pipeline.convert import convert, output_root
-from pipeline.images import ImageSettings
+from pipeline.images import MIN_SIDE, ImageSettings
 from pipeline.readers import read_index
 
 log = logging.getLogger("jobs.preprocess")
@@ -46,7 +46,7 @@ class ConversionArgs:
         if self.lease_wait < 0:
             raise ConfigError(f"--lease-wait must be 0 or more seconds, got {self.lease_wait:g}")
         # Checked here, naming the flags, before Ray starts; ImageSettings checks its fields again.
-        check_at_least(self, 16, "max_side")
+        check_at_least(self, MIN_SIDE, "max_side")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in 1..100 (a JPEG quality), got {self.quality}")
 

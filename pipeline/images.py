@@ -45,6 +45,9 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
+MIN_SIDE = 16  # the smallest longer side a stored image may be given (--max-side)
+
+
 @dataclass(frozen=True)
 class ImageSettings:
     max_side: int = 512  # longer side of stored images; larger images are downscaled
@@ -52,8 +55,8 @@ class ImageSettings:
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # decompression-bomb limit (Pillow's default)
 
     def __post_init__(self):
-        if self.max_side < 16:
-            raise ConfigError(f"max_side must be at least 16, got {self.max_side}")
+        if self.max_side < MIN_SIDE:
+            raise ConfigError(f"max_side must be at least {MIN_SIDE}, got {self.max_side}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality must be in 1..100, got {self.quality}")
 
