@@ -49,6 +49,26 @@ def ray_agent_ports() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def _mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty embedded MLflow store, made once: MLflow builds a new one by running every schema
+    migration (~2 s of CPU), which tests about runs and models need not each pay."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
+
+
+@pytest.fixture
+def sqlite_store(_mlflow_store_template, tmp_path) -> str:
+    """The URI of a new, empty embedded MLflow store at ``tmp_path / "mlflow.db"`` (a copy of one
+    made once a session). Tests of how a store is created make theirs themselves."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_store_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
 def aws_env():
     """Static test credentials and a loopback S3 endpoint, set before any Ray worker starts."""
     port = free_port()

@@ -22,14 +22,14 @@ def test_the_progress_bar_in_a_log_file_is_redrawn_only_when_the_count_moves():
     assert draws == ["train:   0%", "train:  33%", "train: 100%"], stream.getvalue()
 
 
-def test_the_sweep_bar_counts_a_trial_asha_stopped_as_done(tmp_path):
+def test_the_sweep_bar_counts_a_trial_asha_stopped_as_done(tmp_path, sqlite_store):
     from mlflow.tracking import MlflowClient
 
     from jobs.demo import sweep_epochs
     from jobs.tune import STOPPED_EARLY_TAG, SWEEP_TAG
     from mltr.tracking import EPOCH_KEY
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(sqlite_store)
     experiment = client.create_experiment("mltr", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment, tags={SWEEP_TAG: "sweep"}).info.run_id
     epochs = {"finished": 3, "stopped": 1, "running": 2}

@@ -12,9 +12,9 @@ pytestmark = pytest.mark.unit
 
 
 def test_log_records_the_figures_on_the_version_scored_even_if_the_alias_moves_meanwhile(
-    tmp_path, monkeypatch, caplog
+    tmp_path, sqlite_store, monkeypatch, caplog
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store
     client = MlflowClient(uri)
     client.create_registered_model("m")
     first, second = (client.create_model_version("m", source=str(tmp_path)).version for _ in range(2))

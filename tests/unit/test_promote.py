@@ -29,8 +29,8 @@ def logits(noise: float, seed: int) -> np.ndarray:
 class Registry:
     """An embedded registry ``m`` whose versions score fixed logits on a stub dataset."""
 
-    def __init__(self, tmp_path, monkeypatch):
-        self.uri, self.tmp = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path
+    def __init__(self, tmp_path, uri, monkeypatch):
+        self.uri, self.tmp = uri, tmp_path
         self.client = MlflowClient(self.uri)
         self.client.create_registered_model("m")
         self.scores: dict[str, np.ndarray] = {}
@@ -70,8 +70,8 @@ class Registry:
 
 
 @pytest.fixture
-def models(tmp_path, monkeypatch):
-    return Registry(tmp_path, monkeypatch)
+def models(tmp_path, sqlite_store, monkeypatch):
+    return Registry(tmp_path, sqlite_store, monkeypatch)
 
 
 def test_a_first_champion_is_scored_on_the_data_and_consumes_its_challenger_alias(models):

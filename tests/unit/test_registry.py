@@ -39,8 +39,8 @@ def test_the_gain_of_a_better_model_has_an_interval_above_zero_and_a_tie_is_zero
 
 
 @pytest.fixture
-def model_name(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def model_name(sqlite_store):
+    client = MlflowClient(sqlite_store)
     client.create_registered_model("m")
     return client, "m"
 
@@ -166,8 +166,10 @@ def test_a_lease_that_would_go_stale_while_settling_is_refused(model_name, ttl_s
         ("", "champion", "registered model name '' cannot be used"),
     ],
 )
-def test_a_name_or_alias_mlflow_refuses_is_refused_before_a_version_is_created(tmp_path, name, alias, says):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_a_name_or_alias_mlflow_refuses_is_refused_before_a_version_is_created(
+    sqlite_store, name, alias, says
+):
+    client = MlflowClient(sqlite_store)
     with pytest.raises(registry.RegistryError, match=re.escape(says)):
         registry.register_run(client, "no-such-run", name, alias=alias)  # refused before the run is read
     assert client.search_model_versions() == []

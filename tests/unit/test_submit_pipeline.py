@@ -180,10 +180,10 @@ def finished_run(client, config, name, fingerprint, **changed):
     return run.info.run_id
 
 
-def test_a_finished_run_of_the_name_is_reused_only_if_trained_with_these_flags_on_this_data(tmp_path):
+def test_a_finished_run_of_the_name_is_reused_only_if_trained_with_these_flags_on_this_data(sqlite_store):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store
     client = MlflowClient(uri)
     config = pipeline.parse([*PIPELINE, "--mlflow-uri", uri, "--name", "mine"])
     run_id = finished_run(client, config, "mine", "sha256:aa")
@@ -211,10 +211,10 @@ def test_the_pipeline_trains_into_a_new_embedded_store(tmp_path, monkeypatch):
     assert (tmp_path / "new" / "mlflow.db").is_file()
 
 
-def test_a_run_is_registered_again_once_it_logged_a_new_model(tmp_path, monkeypatch):
+def test_a_run_is_registered_again_once_it_logged_a_new_model(tmp_path, sqlite_store, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry looks a version's model up there
     client = MlflowClient(uri)
     config = pipeline.parse([*PIPELINE, "--mlflow-uri", uri, "--register-as", "mltr-voc"])

@@ -238,10 +238,10 @@ def test_a_sweep_sizes_its_local_ray_and_checks_its_windows_with_its_own_trial_f
     assert "best so far 0.8000 (a)" in capsys.readouterr().out.splitlines()[-1]
 
 
-def test_a_sweep_with_trials_to_resume_but_no_parent_run_here_is_refused(tmp_path):
+def test_a_sweep_with_trials_to_resume_but_no_parent_run_here_is_refused(sqlite_store):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(sqlite_store)
     here, elsewhere = client.create_experiment("mltr"), client.create_experiment("other")
     client.create_run(here, tags={tune.SWEEP_TAG: "grid"})
     tune.check_restorable(client, here, "grid", True, "/runs/grid", "experiment 'mltr'")  # its parent is here
@@ -252,10 +252,10 @@ def test_a_sweep_with_trials_to_resume_but_no_parent_run_here_is_refused(tmp_pat
         tune.check_restorable(client, elsewhere, "grid", True, "/runs/grid", "experiment 'other'")
 
 
-def test_a_restarted_sweep_runs_as_many_trials_at_once_as_it_started_with_and_says_so(tmp_path, caplog):
+def test_a_restarted_sweep_runs_as_many_trials_at_once_as_it_started_with_and_says_so(sqlite_store, caplog):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(sqlite_store)
     parent = client.create_run(client.create_experiment("mltr"), tags={tune.SWEEP_TAG: "grid"}).info.run_id
     assert tune._trials_at_once(client, parent, "grid", 2, restoring=False) == 2  # the first attempt
     with caplog.at_level("WARNING", logger=tune.log.name):
@@ -267,7 +267,9 @@ def test_a_restarted_sweep_runs_as_many_trials_at_once_as_it_started_with_and_sa
     assert "resumes with the 2 trials at once it started with" in caplog.text and "not 3" in caplog.text
 
 
-def test_a_restored_trial_whose_run_already_finished_is_not_trained_again(tmp_path, monkeypatch):
+def test_a_restored_trial_whose_run_already_finished_is_not_trained_again(
+    tmp_path, sqlite_store, monkeypatch
+):
     import types
 
     import ray.tune
@@ -277,7 +279,7 @@ def test_a_restored_trial_whose_run_already_finished_is_not_trained_again(tmp_pa
     from jobs._config import from_flat
     from mltr.tracking import NAME_TAG
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store
     client = MlflowClient(uri)
     experiment = client.create_experiment("mltr")
     config = from_flat(train_job.TrainConfig, {"data": str(tmp_path / "ds"), "experiment": "mltr"})

@@ -57,12 +57,12 @@ def write_checkpoint(folder: Path, weights: str) -> dict[str, torch.nn.Module]:
 
 @pytest.mark.parametrize("weights", ["model", "ema"])
 def test_the_logged_model_is_the_selected_weights_with_classes_thresholds_and_input_contract(
-    tmp_path, weights
+    tmp_path, sqlite_store, weights
 ):
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     models = write_checkpoint(folder, weights)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store
     client = MlflowClient(uri)
     experiment = tracking.ensure_experiment(client, "t", (tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
@@ -124,8 +124,8 @@ def test_mltr_does_not_import_pipeline_or_jobs():
 
 
 @pytest.fixture
-def store(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def store(tmp_path, sqlite_store):
+    client = MlflowClient(sqlite_store)
     return client, tracking.ensure_experiment(client, "e", (tmp_path / "artifacts").as_uri())
 
 
