@@ -73,10 +73,10 @@ def test_an_export_matches_pytorch_at_any_batch_size_and_replaces_out_only_once_
     assert json.loads(Path(f"{out}.json").read_text())["classes"] == ["x", "y"]
 
 
-def test_a_model_is_checked_on_a_dataset_only_if_it_predicts_that_datasets_classes(tmp_path, monkeypatch):
+def test_a_model_is_checked_on_a_dataset_only_if_it_predicts_that_datasets_classes(
+    tmp_path, sqlite_store, monkeypatch
+):
     import types
-
-    from mlflow.tracking import MlflowClient
 
     import pipeline.dataset
     from mltr.errors import ConfigError
@@ -88,8 +88,7 @@ def test_a_model_is_checked_on_a_dataset_only_if_it_predicts_that_datasets_class
     streets = types.SimpleNamespace(uri="/data/streets", classes=("car", "bus"), num_classes=2)
     monkeypatch.setattr(pipeline.dataset, "load_manifest", lambda uri: streets)
     flags = ["--model", "models:/animals/1", "--data", "/data/streets", "--out", str(tmp_path / "m.onnx")]
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(store).search_experiments()  # the registry the model would be loaded from
+    store = sqlite_store  # the registry the model would be loaded from
     config = parse_config(export.ExportConfig, [*flags, "--mlflow-uri", store])
     with pytest.raises(ConfigError, match="predicts 2 classes that are not the dataset's /data/streets"):
         export.run(config)  # before anything is exported
