@@ -338,6 +338,45 @@ def _child_runs(client: MlflowClient, parent_run_id: str, status: str | None = N
     return client.search_runs([experiment_id], filter_string=where)
 
 
+# Tune runs each trial's driver (a function trainable) in an actor of this class.
+TRIAL_ACTOR_CLASS = "ImplicitFunc"
+
+
+def _wait_for_trials_to_exit(timeout_s: float = 15.0) -> None:
+    """Return once no trial actor of this sweep is alive (or after ``timeout_s``).
+
+    ``Tuner.fit`` returns having asked its trial actors to stop and killed those still running, but
+    not having seen them exit. A trial cut short is torn down as it goes, and its driver's own
+    handler (``tracking.run_outcome``) may then mark its MLflow run FAILED: after the sweep marked it
+    KILLED, when that write waited on the store's lock. Closing a cut trial's run only once its
+    actor has exited makes the sweep's status the last one written. Needs the State API (Ray
+    Train's clean-up needs it too); without it, the runs are closed at once.
+    """
+    import ray
+    from ray.util.state import list_actors
+
+    filters = [("job_id", "=", ray.get_runtime_context().get_job_id()), ("state", "!=", "DEAD")]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            actors = list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)
+        except Exception as error:  # no dashboard on this cluster: nothing to wait with
+            log.debug("could not list the trial actors (%s): their runs are closed at once", error)
+            return
+        # The class's name, or its qualified name when it was defined in a function.
+        alive = [a for a in actors if a.class_name.rsplit(".", 1)[-1] == TRIAL_ACTOR_CLASS]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            log.warning(
+                "%d trial actor(s) still alive %.0f s after the sweep ended; closing their runs anyway",
+                len(alive),
+                timeout_s,
+            )
+            return
+        time.sleep(0.25)
+
+
 def _kill_running_children(client: MlflowClient, parent_run_id: str) -> None:
     """An interrupted sweep: every trial run still RUNNING was cut short (KILLED), whatever Tune says."""
     for run in _child_runs(client, parent_run_id, status="RUNNING"):
@@ -348,7 +387,8 @@ def _close_children(client: MlflowClient, records: list[TrialRecord]) -> None:
     """A trial the scheduler stopped (or an interrupt cut) cannot close its own MLflow run: close it here.
 
     Its driver was stopped mid-run: the run is still RUNNING, or FAILED by the driver's own
-    handler as it was torn down. Either way it was cut short: KILLED.
+    handler as it was torn down (:func:`_wait_for_trials_to_exit` first). Either way it was cut
+    short: KILLED.
     """
     for record in records:
         if record.mlflow_run_id is None or record.status not in (STOPPED, INTERRUPTED):
@@ -586,6 +626,9 @@ def _run(config: SweepConfig, trial: Callable[[dict, TrialContext], None]) -> di
         except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C, or one outside Tune's own handler
             _kill_running_children(client, parent_run_id)
             raise KeyboardInterrupt from None
+        # A trial cut short writes its run's status as it is torn down: its figures and status are
+        # read, and its run closed, once it has exited.
+        _wait_for_trials_to_exit()
         records = _records(results, experiment_path, fs, client, parent_run_id)
         _close_children(client, records)
         if any(r.status == INTERRUPTED for r in records):

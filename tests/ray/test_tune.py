@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from jobs import tune
 from jobs._config import from_flat
 from mltr.errors import ConfigError
-from mltr.sweep import FAILED, FINISHED, STOPPED
+from mltr.sweep import FAILED, FINISHED, INTERRUPTED, STOPPED, TrialRecord
 from mltr.tracking import EPOCH_KEY
 from mltr.train import START_EPOCH_KEY
 
@@ -50,6 +50,46 @@ def test_a_window_size_that_does_not_fit_is_refused_before_anything_starts(demo_
                 {"data": demo_coco, "epochs": 2, "grace_epochs": 2, "workdir": str(tmp_path)},
             )
         )
+
+
+def test_a_cut_trial_is_closed_after_its_actor_has_exited_so_its_own_late_status_does_not_win(
+    ray_local, sqlite_store
+):
+    # Tuner.fit returns having asked the trial actors to stop, not having seen them exit. A trial
+    # cut short marks its own run FAILED as it is torn down; when that write lands after the sweep
+    # closed the run, the run is left FAILED (seen: the ASHA test's interrupted trial).
+    import threading
+
+    client = MlflowClient(sqlite_store)
+    run_id = client.create_run(client.create_experiment("mltr")).info.run_id
+
+    class ImplicitFunc:  # the actor class a trial's driver runs in
+        def stop(self, uri: str, run_id: str) -> None:
+            def torn_down():
+                time.sleep(2)
+                MlflowClient(uri).set_terminated(run_id, status="FAILED")
+                os._exit(0)
+
+            threading.Thread(target=torn_down).start()
+
+        def alive(self) -> bool:
+            return True
+
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    # The class Tune makes of a trial function, and whose actors the sweep waits for, is this one's.
+    assert wrap_function(lambda config: None).__name__ == tune.TRIAL_ACTOR_CLASS == ImplicitFunc.__name__
+    trial = ray_local.remote(num_cpus=0)(ImplicitFunc).remote()
+    ray_local.get(trial.stop.remote(sqlite_store, run_id))
+    started = time.monotonic()
+    tune._wait_for_trials_to_exit()
+    assert time.monotonic() - started >= 1  # it waited for the actor
+    record = TrialRecord("t", 4, "asl", 1e-3, INTERRUPTED, 1, 0.3, 0.2, run_id, None, None)
+    tune._close_children(client, [record])
+    with pytest.raises(ray_local.exceptions.RayActorError):  # gone, and every write of its own landed
+        while ray_local.get(trial.alive.remote()):
+            time.sleep(0.1)
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def ledger_lrs(path) -> list[float]:
