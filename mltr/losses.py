@@ -79,8 +79,10 @@ def asymmetric_loss(
     ``-[y (1 - p)^gamma_pos log(p) + (1 - y) p_m^gamma_neg log(1 - p_m)]`` with the shifted
     probability ``p_m = max(p - clip, 0)`` for negatives. ``log(p)`` is ``logsigmoid`` (stable for
     any logit); ``log(1 - p_m)`` is clamped at ``eps`` only when ``clip`` is 0, as in the authors'
-    code. The gradient flows through the focusing weights as in the paper's derivation;
-    ``detach_focus=True`` stops it there, like the authors' ``disable_torch_grad_focal_loss``.
+    code. The gradient flows through the focusing weights as in the paper's derivation and in
+    the authors' ``AsymmetricLoss`` (whose lines that would stop it are commented out, whatever
+    its ``disable_torch_grad_focal_loss`` says); ``detach_focus=True`` stops it there, as that
+    flag does in their ``AsymmetricLossOptimized``.
     """
     targets = _check(logits, targets, ignore)
     one_minus_p = torch.sigmoid(-logits)
