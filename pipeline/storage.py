@@ -62,7 +62,10 @@ def storage_errors(uri: str) -> Iterator[None]:
         yield
     except OSError as exc:
         text = str(exc)
-        if uri.startswith("s3://") and any(code in text for code in _USER_S3_ERRORS):
+        # pyarrow names the S3 error code; s3fs (the exclusive creates) raises PermissionError for
+        # AccessDenied, InvalidAccessKeyId, ExpiredToken and the like, and says only "Access Denied".
+        refused = isinstance(exc, PermissionError) or any(code in text for code in _USER_S3_ERRORS)
+        if uri.startswith("s3://") and refused:
             endpoint = s3_endpoint() or "the AWS default endpoint"
             raise ConfigError(
                 f"{uri}: the object store at {endpoint} refused or could not be reached: {text}"

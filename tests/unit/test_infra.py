@@ -629,6 +629,21 @@ def compose_problems(infra: Path) -> list[str]:
                 problems.append(f"{name} waits for {dep} to complete, which restarts")
         if service.get("restart") == "unless-stopped" and "healthcheck" not in service:
             problems.append(f"{name} runs for good without a healthcheck")
+        # Bind mounts come from infra/, and what a service's script reads through one is there (a
+        # renamed policy file would stop createbuckets halfway).
+        script = yaml.safe_dump([service.get("entrypoint"), service.get("command")])
+        for volume in service.get("volumes") or []:
+            if not (isinstance(volume, str) and volume.startswith("./")):
+                continue  # a named volume
+            source, target = volume.split(":")[:2]
+            if not (infra / source).exists():
+                problems.append(f"{name} mounts {source}, which infra/ lacks")
+                continue
+            for used in re.findall(re.escape(target.rstrip("/")) + r"/([\w.\-/]+)", script):
+                if not (infra / source / used).is_file():
+                    problems.append(
+                        f"{name} reads {target.rstrip('/')}/{used}, which infra/{source[2:]} lacks"
+                    )
     # ${VAR}, ${VAR:?why} and ${VAR?why} need a value from .env; $${VAR} is the container's own.
     text = (infra / "compose.yaml").read_text()
     needed = {m[0] for m in re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(:?\?[^}]*)?\}", text)}
@@ -662,6 +677,18 @@ COMPOSE_BREAKS = {
         "      timeout: 5s\n      retries: 12\n    restart: unless-stopped\n",
         "",
         "minio to be healthy, which has no healthcheck",
+    ),
+    "script-reads-a-file-the-mount-lacks": (
+        "compose.yaml",
+        "/policies/mltr-mlflow.json",
+        "/policies/mltr-artifacts.json",
+        "createbuckets reads /policies/mltr-artifacts.json, which infra/minio lacks",
+    ),
+    "mounts-a-folder-infra-lacks": (
+        "compose.yaml",
+        "./minio:/policies:ro",
+        "./policies:/policies:ro",
+        "createbuckets mounts ./policies, which infra/ lacks",
     ),
     "secret-missing-from-env-example": (
         ".env.example",
@@ -896,7 +923,7 @@ def test_no_credential_is_written_in_infra():
 CREDENTIAL_BREAKS = {
     "compose-literal": (
         "compose.yaml",
-        "AWS_SECRET_ACCESS_KEY: ${MLTR_S3_SECRET_KEY:?set MLTR_S3_SECRET_KEY in infra/.env}",
+        "AWS_SECRET_ACCESS_KEY: ${MLTR_ARTIFACTS_S3_SECRET_KEY:?set MLTR_ARTIFACTS_S3_SECRET_KEY in infra/.env}",
         "AWS_SECRET_ACCESS_KEY: minio123",
         "compose.yaml",
     ),
