@@ -48,6 +48,21 @@ def nodes_alive(env: dict) -> int:
     return int(line.split()[1])
 
 
+def head_failure(gcs: str, process: subprocess.Popen, log: Path, temp_dir: Path) -> str:
+    """Why the head is not up, for the error: its exit status, the tail of `ray start`'s output
+    and of its processes' error logs (the temporary folder is removed after the error)."""
+    status = "still running" if process.poll() is None else f"exited with status {process.returncode}"
+    parts = [
+        f"the autoscaling head did not start at {gcs} ({status})",
+        f"ray start: {log.read_text()[-2000:]}",
+    ]
+    for err in sorted(temp_dir.glob("session_latest/logs/*.err")):
+        text = err.read_text(errors="replace").strip()
+        if text:
+            parts.append(f"{err.name}: {text[-1000:]}")
+    return "\n".join(parts)
+
+
 @pytest.fixture
 def autoscaling_head(tmp_path):
     """A head of 1 CPU whose autoscaler may add up to two nodes of 2 CPUs, removing idle ones after 6 s."""
@@ -80,12 +95,14 @@ def autoscaling_head(tmp_path):
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs.rsplit(':', 1)[1]}", "--num-cpus=1"]
-        + ["--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
-        + [f"--autoscaling-config={tmp_path / 'autoscaler.json'}", "--disable-usage-stats", *ray_agent_ports()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    log = tmp_path / "head.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--port={gcs.rsplit(':', 1)[1]}", "--num-cpus=1"]
+            + ["--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
+            + [f"--autoscaling-config={tmp_path / 'autoscaler.json'}", "--disable-usage-stats", *ray_agent_ports()],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     env = {**env, "RAY_ADDRESS": gcs}
     try:
         deadline = time.monotonic() + 90
@@ -96,12 +113,13 @@ def autoscaling_head(tmp_path):
             except (ValueError, subprocess.TimeoutExpired):
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the autoscaling head did not start at {gcs}")
+                raise RuntimeError(head_failure(gcs, process, log, Path(temp_dir)))
             time.sleep(1)
         yield env, process
     finally:
         tree = descendants(process.pid)  # the autoscaler's nodes among them
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a head that exited left no group to signal
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
