@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,19 +91,32 @@ def aws_env():
             os.environ[key] = value
 
 
+@contextlib.contextmanager
+def moto_server(port: int, folder: Path) -> Iterator[str]:
+    """A moto S3-API server (server mode) on 127.0.0.1:``port``, logging to ``folder/moto.log``,
+    for the block: its endpoint."""
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    with open(folder / "moto.log", "wb") as log:
+        proc = subprocess.Popen(
+            [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for_http(
+                f"{endpoint}/moto-api/", proc, 30, lambda: f"moto_server did not start on {endpoint}"
+            )
+            yield endpoint
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def s3_server(aws_env, tmp_path_factory):
     """A real S3-API server (moto in server mode) on loopback, reached over HTTP."""
-    endpoint = aws_env["AWS_ENDPOINT_URL"]
-    port = endpoint.rsplit(":", 1)[1]
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", port], stdout=log, stderr=subprocess.STDOUT)
-    wait_for_http(f"{endpoint}/moto-api/", proc, 30, lambda: f"moto_server did not start on {endpoint}")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    port = int(aws_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with moto_server(port, tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

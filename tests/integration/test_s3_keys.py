@@ -11,9 +11,6 @@ server's.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import pytest
 
 from mltr.errors import ConfigError
 from pipeline.storage import Lease, resolve
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port, moto_server
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +37,7 @@ def policed_s3(tmp_path_factory):
     checked against the policies. Yields the endpoint and ``{name: (key id, secret)}``."""
     import boto3
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    log = open(tmp_path_factory.mktemp("moto-iam") / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_http(f"{endpoint}/moto-api/", proc, 30, lambda: f"moto_server did not start on {endpoint}")
+    with moto_server(free_port(), tmp_path_factory.mktemp("moto-iam")) as endpoint:
         admin = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         admin |= {"aws_access_key_id": "admin", "aws_secret_access_key": "admin"}
         s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
@@ -69,10 +60,6 @@ def policed_s3(tmp_path_factory):
             timeout=10,
         )
         yield endpoint, keys
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def use_key(monkeypatch, endpoint: str, key: tuple[str, str]) -> None:
